@@ -1,0 +1,11 @@
+//! Slot4ACir: asymmetric composed image retrieval with slot inversion.
+//!
+//! See `../shared/SPEC.md` for the computation. Module layout follows the paper:
+//! the gallery side (`model::vit`, `model::qformer`), the query side
+//! (`model::backbone`, `model::slots`), and the whole model (`model::slot4acir`).
+
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod ops;
+pub mod weights;

@@ -1,0 +1,27 @@
+//! Command-line entry: parse and dispatch, nothing else.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "slot4acir",
+    version,
+    about = "Slot Inversion for Asymmetric Composed Image Retrieval"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the model configuration of a preset or file, with its parameter counts.
+    Config(slot4acir::cli::config::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    slot4acir::cli::init_logging();
+    match Cli::parse().command {
+        Command::Config(a) => slot4acir::cli::config::run(a),
+    }
+}

@@ -1,0 +1,166 @@
+//! Small building blocks shared by the light backbones: 2-d convolution (with TF-style SAME
+//! padding on request) and BatchNorm with the reference's training/eval semantics.
+
+use candle_core::{Module, Result, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Padding of a convolution: symmetric (PyTorch `padding=`) or explicit per side, as TF-style
+/// static SAME padding needs (asymmetric on stride 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Symmetric(usize),
+    /// (top, bottom, left, right)
+    Explicit(usize, usize, usize, usize),
+}
+
+/// TF-style static SAME padding for a square input of side `input`, as EfficientNet's
+/// `Conv2dStaticSamePadding` computes it: total `max((ceil(in/s)-1)*s + (k-1)*d + 1 - in, 0)`,
+/// the smaller half first.
+pub fn same_padding(input: usize, kernel: usize, stride: usize, dilation: usize) -> Padding {
+    let out = input.div_ceil(stride);
+    let total = ((out - 1) * stride + (kernel - 1) * dilation + 1).saturating_sub(input);
+    let a = total / 2;
+    Padding::Explicit(a, total - a, a, total - a)
+}
+
+/// A 2-d convolution under the reference naming (`weight`, optional `bias`).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: Padding,
+    pub groups: usize,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding,
+        groups: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = (in_c / groups) * kernel * kernel;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let weight = vb.get_with_hints(
+            (out_c, in_c / groups, kernel, kernel),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(
+                out_c,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            groups,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (x, pad) = match self.padding {
+            Padding::Symmetric(p) => (x.clone(), p),
+            Padding::Explicit(t, b, l, r) if t == b && l == r && t == l => (x.clone(), t),
+            Padding::Explicit(t, b, l, r) => {
+                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
+            }
+        };
+        let y = crate::ops::conv2d(&x, &self.weight, pad, self.stride, self.groups)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// BatchNorm over dim 1 of a (B,C,H,W) or (B,C) tensor, PyTorch semantics: in training
+/// mode it normalizes with the batch statistics (biased variance) and, when its buffers are
+/// mutable (`ParamStore` training mode), updates the running statistics with `momentum` using
+/// the unbiased variance; in eval mode it uses the running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl BatchNorm {
+    pub fn new(vb: VarBuilder, c: usize, eps: f64, momentum: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        // Registered so that checkpoints carry it; its value is never used.
+        let _ = vb.get_with_hints((), "num_batches_tracked", Init::Const(0.0));
+        Ok(Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps,
+            momentum,
+        })
+    }
+
+    /// Per-channel scale and shift equivalent to eval mode: y = x * scale + shift.
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let mut bshape = vec![1usize; x.rank()];
+        bshape[1] = c;
+        if !train {
+            let (scale, shift) = self.eval_scale_shift()?;
+            return x
+                .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+                .broadcast_add(&shift.reshape(bshape.as_slice())?);
+        }
+        // (C, N) view of the batch statistics.
+        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+        let n = xt.dim(1)?;
+        let mean = xt.mean(D::Minus1)?;
+        let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
+        let var = centered.sqr()?.mean(D::Minus1)?;
+        if self.running_mean.is_variable() {
+            let m = self.momentum;
+            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+            let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
+            let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+            Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+            Var::from_tensor(&self.running_var)?.set(&new_var)?;
+        }
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = (&self.weight * inv)?;
+        let shift = (&self.bias - (mean * &scale)?)?;
+        x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+            .broadcast_add(&shift.reshape(bshape.as_slice())?)
+    }
+}

@@ -1,0 +1,3 @@
+//! The Slot4ACir model: gallery side (ViT, Q-Former), query side (light backbone, slots).
+
+pub mod layers;

@@ -1,0 +1,321 @@
+//! The parameter store: the one place model code gets its weights from.
+//!
+//! Model modules are built from a `candle_nn::VarBuilder` backed by a [`ParamStore`]. The store
+//! hands out the loaded state-dict tensors under the reference key names and records every
+//! request, so that after construction it can report *all* missing keys and shape mismatches
+//! at once (naming the weights file), and later give back the full state dict for saving.
+//!
+//! In [`Mode::Training`] trainable parameters are `candle_core::Var`s (tracked by autograd and
+//! listed by [`ParamStore::trainable_vars`]); BatchNorm buffers are `Var`s too so that a
+//! training-mode forward can update them in place (`Var::from_tensor(&t)?.set(..)`), but they
+//! are not trainable. Frozen parameters (the ViT) are plain tensors in every mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+/// How the store hands out parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Plain tensors everywhere: no autograd graph is recorded.
+    Inference,
+    /// Trainable parameters and BatchNorm buffers are `Var`s.
+    Training,
+}
+
+/// What a parameter is, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Trainable,
+    /// BatchNorm running statistics: updated by training-mode forwards, never by the optimizer.
+    Buffer,
+    Frozen,
+}
+
+#[derive(Clone)]
+struct Entry {
+    tensor: Tensor,
+    role: Role,
+}
+
+struct Inner {
+    source: HashMap<String, Tensor>,
+    source_name: String,
+    mode: Mode,
+    init_missing: bool,
+    frozen_prefixes: Vec<String>,
+    registry: Mutex<BTreeMap<String, Entry>>,
+    missing: Mutex<Vec<String>>,
+    mismatched: Mutex<Vec<String>>,
+}
+
+/// See the module documentation. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct ParamStore(Arc<Inner>);
+
+/// Parameter-name prefixes that are never trained (SPEC section 3: the ViT alone).
+pub const DEFAULT_FROZEN_PREFIXES: &[&str] = &["visual_encoder."];
+
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+impl ParamStore {
+    /// A store over a loaded state dict. `source_name` (usually the file path) is used in
+    /// error messages. With `init_missing`, absent keys are initialized from the module's
+    /// init hint (random initialization) instead of being reported as missing.
+    pub fn new(
+        source: HashMap<String, Tensor>,
+        source_name: impl Into<String>,
+        mode: Mode,
+        init_missing: bool,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            source,
+            source_name: source_name.into(),
+            mode,
+            init_missing,
+            frozen_prefixes: DEFAULT_FROZEN_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            registry: Mutex::new(BTreeMap::new()),
+            missing: Mutex::new(Vec::new()),
+            mismatched: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// A store with no source: every parameter is initialized from its init hint.
+    pub fn random(mode: Mode) -> Self {
+        Self::new(HashMap::new(), "<random initialization>", mode, true)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.0.mode
+    }
+
+    pub fn source_name(&self) -> &str {
+        &self.0.source_name
+    }
+
+    /// A `VarBuilder` whose requests go through this store (float32 on `device`).
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(self.clone());
+        VarBuilder::from_backend(backend, DType::F32, device.clone())
+    }
+
+    pub fn role(&self, name: &str) -> Role {
+        if is_buffer(name) {
+            Role::Buffer
+        } else if self
+            .0
+            .frozen_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+        {
+            Role::Frozen
+        } else {
+            Role::Trainable
+        }
+    }
+
+    /// Call after building the model: an error listing every missing key and every shape
+    /// mismatch, naming the weights file.
+    pub fn finish(&self) -> anyhow::Result<()> {
+        let missing = self.0.missing.lock().unwrap().clone();
+        let mismatched = self.0.mismatched.lock().unwrap().clone();
+        if missing.is_empty() && mismatched.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!("weights file {}:", self.0.source_name);
+        if !mismatched.is_empty() {
+            msg.push_str(&format!(
+                "\n  {} shape mismatch(es):\n    {}",
+                mismatched.len(),
+                mismatched.join("\n    ")
+            ));
+        }
+        if !missing.is_empty() {
+            msg.push_str(&format!(
+                "\n  {} missing key(s):\n    {}",
+                missing.len(),
+                missing.join("\n    ")
+            ));
+        }
+        anyhow::bail!(msg)
+    }
+
+    /// Every parameter and buffer the model asked for, detached, under its reference name.
+    pub fn state_dict(&self) -> BTreeMap<String, Tensor> {
+        let reg = self.0.registry.lock().unwrap();
+        reg.iter()
+            .map(|(k, e)| (k.clone(), e.tensor.detach()))
+            .collect()
+    }
+
+    /// The trainable parameters (empty in inference mode), sorted by name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let reg = self.0.registry.lock().unwrap();
+        reg.iter()
+            .filter(|(_, e)| e.role == Role::Trainable && e.tensor.is_variable())
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    Var::from_tensor(&e.tensor).expect("variable tensor"),
+                )
+            })
+            .collect()
+    }
+
+    /// The tensor registered under `name`, if the model asked for it.
+    pub fn get_registered(&self, name: &str) -> Option<Tensor> {
+        self.0
+            .registry
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|e| e.tensor.clone())
+    }
+
+    /// Overwrites a registered parameter or buffer in place (for `--resume` and tests).
+    pub fn set(&self, name: &str, value: &Tensor) -> candle_core::Result<()> {
+        let t = self.get_registered(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("no parameter named {name} in the model"))
+        })?;
+        if t.is_variable() {
+            Var::from_tensor(&t)?.set(value)
+        } else {
+            Err(candle_core::Error::Msg(format!(
+                "parameter {name} is not mutable in this mode"
+            )))
+        }
+    }
+
+    fn make(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let role = self.role(name);
+        let out = match (self.0.mode, role) {
+            (Mode::Training, Role::Trainable | Role::Buffer) => {
+                Var::from_tensor(&t)?.as_tensor().clone()
+            }
+            _ => t,
+        };
+        self.0.registry.lock().unwrap().insert(
+            name.to_string(),
+            Entry {
+                tensor: out.clone(),
+                role,
+            },
+        );
+        Ok(out)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(e) = self.0.registry.lock().unwrap().get(name) {
+            // Shared parameters (asked for twice) get the same tensor.
+            return Ok(e.tensor.clone());
+        }
+        let t = match self.0.source.get(name) {
+            Some(t) => {
+                if t.shape() != &s {
+                    self.0.mismatched.lock().unwrap().push(format!(
+                        "{name}: file has {:?}, model expects {:?}",
+                        t.dims(),
+                        s.dims()
+                    ));
+                    Tensor::zeros(s, dtype, dev)?
+                } else {
+                    t.to_dtype(dtype)?.to_device(dev)?
+                }
+            }
+            None if self.0.init_missing => h.var(s, dtype, dev)?.as_tensor().detach(),
+            None => {
+                self.0.missing.lock().unwrap().push(name.to_string());
+                Tensor::zeros(s, dtype, dev)?
+            }
+        };
+        self.make(name, t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(e) = self.0.registry.lock().unwrap().get(name) {
+            return Ok(e.tensor.clone());
+        }
+        match self.0.source.get(name) {
+            Some(t) => {
+                let t = t.to_dtype(dtype)?.to_device(dev)?;
+                self.make(name, t)
+            }
+            None => {
+                self.0.missing.lock().unwrap().push(name.to_string());
+                Err(candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })
+            }
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.source.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_missing_key_and_mismatch() {
+        let dev = Device::Cpu;
+        let mut src = HashMap::new();
+        src.insert(
+            "a.weight".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+        );
+        let store = ParamStore::new(src, "w.safetensors", Mode::Inference, false);
+        let vb = store.var_builder(&dev);
+        vb.get((3, 3), "a.weight").unwrap();
+        vb.get(4, "b.bias").unwrap();
+        vb.pp("c").get(1, "d").unwrap();
+        let err = store.finish().unwrap_err().to_string();
+        assert!(err.contains("w.safetensors"), "{err}");
+        assert!(
+            err.contains("a.weight: file has [2, 3], model expects [3, 3]"),
+            "{err}"
+        );
+        assert!(err.contains("b.bias") && err.contains("c.d"), "{err}");
+    }
+
+    #[test]
+    fn training_mode_makes_trainable_vars_but_keeps_frozen_plain() {
+        let dev = Device::Cpu;
+        let store = ParamStore::random(Mode::Training);
+        let vb = store.var_builder(&dev);
+        let w = vb
+            .get_with_hints(2, "proj.weight", Init::Const(1.0))
+            .unwrap();
+        let f = vb
+            .get_with_hints(2, "visual_encoder.x", Init::Const(1.0))
+            .unwrap();
+        let b = vb
+            .get_with_hints(2, "bn.running_mean", Init::Const(0.0))
+            .unwrap();
+        assert!(w.is_variable() && b.is_variable() && !f.is_variable());
+        let names: Vec<String> = store.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["proj.weight".to_string()]);
+        store.finish().unwrap();
+        assert_eq!(store.state_dict().len(), 3);
+    }
+}
