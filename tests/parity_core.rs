@@ -231,3 +231,151 @@ fn losses_and_grads_b0() {
 fn losses_and_grads_evitm2() {
     losses_and_grads("parity-evitm2");
 }
+
+/// The fixtures have no adaptive model: build one from parity-b0 (its slot module under
+/// `slot_attn`, plus a `pred_keep_slot` that keeps some slots and drops others) and check the
+/// wrapper against the plain module and the Q-Former pass it feeds.
+#[test]
+fn adaptive_slots_mask_the_composition() {
+    use slot4acir::model::KeepMode;
+    let fx = fixture("parity-b0");
+    let mut weights = HashMap::new();
+    for (k, v) in &fx.weights {
+        let k = match k.strip_prefix("fusion_slot.slot_module.") {
+            Some(rest) => format!("fusion_slot.slot_module.slot_attn.{rest}"),
+            None => k.clone(),
+        };
+        weights.insert(k, v.clone());
+    }
+    // keep − drop logit = s·(d − αm) with d = s₀−s₁, m = (s₀+s₁)/2, α = m·d/|m|²: positive
+    // for slot 0 of item 0 and negative for its slot 1, so the mask mixes.
+    let slot = |i: usize| fx.exp("slots").get(0).unwrap().get(i).unwrap();
+    let (s0, s1) = (slot(0), slot(1));
+    let d = (&s0 - &s1).unwrap();
+    let m = ((&s0 + &s1).unwrap() / 2.0).unwrap();
+    let dot = |a: &Tensor, b: &Tensor| scalar(&(a * b).unwrap().sum_all().unwrap());
+    let row = (&d - (&m * (dot(&m, &d) / dot(&m, &m))).unwrap()).unwrap();
+    let w_keep = Tensor::stack(&[&row.zeros_like().unwrap(), &row], 0).unwrap();
+    weights.insert(
+        "fusion_slot.slot_module.pred_keep_slot.weight".into(),
+        w_keep.clone(),
+    );
+    let mut cfg = fx.cfg.clone();
+    cfg.use_adapt = true;
+    let store = ParamStore::new(weights, "adaptive", Mode::Inference, false);
+    let mut model = Slot4ACir::with_light_encoder(
+        &cfg,
+        store.var_builder(&Device::Cpu),
+        Box::new(FeatureMapOnly(1280)),
+    )
+    .unwrap();
+    store.finish().unwrap();
+    model.keep_mode = KeepMode::Argmax;
+
+    let tokens = model
+        .tokens_from_feature_map(fx.exp("light_feature_map"))
+        .unwrap();
+    let out = model.slots(&tokens, false).unwrap();
+    assert_close("adaptive inner slots", &out.slots, fx.exp("slots"), FEAT_TOL);
+    let logits = out.keep_logits.clone().unwrap();
+    let want_logits = out.slots.broadcast_matmul(&w_keep.t().unwrap()).unwrap();
+    assert_close("keep_slot_logits", &logits, &want_logits, 1e-6);
+
+    // Argmax: keep iff the keep logit wins; deterministic.
+    let mask = out.keep_mask.clone().unwrap();
+    let l = logits.to_vec3::<f32>().unwrap();
+    let m = mask.to_vec2::<f32>().unwrap();
+    let mut kept = 0;
+    for (lb, mb) in l.iter().zip(&m) {
+        for (ls, ms) in lb.iter().zip(mb) {
+            // hard + soft − soft, as the reference computes it: exact up to one ulp.
+            let want = if ls[1] > ls[0] { 1.0 } else { 0.0 };
+            assert!((*ms - want).abs() < 1e-6, "mask {ms} for logits {ls:?}");
+            kept += want as usize;
+        }
+    }
+    let total = m.len() * m[0].len();
+    assert!(kept > 0 && kept < total, "mask should mix: {kept}/{total} kept");
+    let again = model.slots(&tokens, false).unwrap().keep_mask.unwrap();
+    assert_eq!(again.to_vec2::<f32>().unwrap(), m);
+
+    // The composed query uses [mask ; text mask] in the text-only pass.
+    let (ids, att) = (fx.inp("input_ids"), fx.inp("attention_mask"));
+    let query = model.query_feats(&tokens, ids, att, false).unwrap();
+    let full_mask = Tensor::cat(
+        &[&mask, &att.to_dtype(candle_core::DType::F32).unwrap()],
+        1,
+    )
+    .unwrap();
+    let hidden = model
+        .qformer
+        .text_with_prefix(&out.slots, ids, &full_mask, false)
+        .unwrap();
+    let cls = hidden.narrow(1, cfg.num_slots, 1).unwrap().squeeze(1).unwrap();
+    let want = candle_core::Module::forward(&model.text_proj, &cls).unwrap();
+    let want = slot4acir::model::layers::l2_normalize(&want).unwrap();
+    assert_close("adaptive query", &query, &want, 1e-6);
+    // ... which differs from keeping every slot (the plain model's query).
+    let (plain, _) = build(&fx, Mode::Inference);
+    let plain_query = plain.query_feats(&tokens, ids, att, false).unwrap();
+    assert!(rel_err(&query, &plain_query) > 1e-3);
+
+    // Sampling (the reference's behaviour) is reproducible under a seed.
+    model.keep_mode = KeepMode::Sample;
+    let sample = |seed| {
+        if let slot4acir::model::slots::SlotModule::Adaptive(a) = &model.slot_module {
+            a.seed(seed);
+        }
+        model.slots(&tokens, false).unwrap().keep_mask.unwrap()
+    };
+    let (s1, s2) = (sample(7), sample(7));
+    assert_eq!(s1.to_vec2::<f32>().unwrap(), s2.to_vec2::<f32>().unwrap());
+    for v in s1.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+        assert!(v.abs() < 1e-6 || (v - 1.0).abs() < 1e-6, "mask value {v}");
+    }
+}
+
+/// Straight-through: the hard keep mask carries the soft mask's gradient to `pred_keep_slot`.
+#[test]
+fn adaptive_keep_mask_has_straight_through_gradient() {
+    let fx = fixture("parity-b0");
+    let mut cfg = fx.cfg.clone();
+    cfg.use_adapt = true;
+    let store = ParamStore::random(Mode::Training);
+    let model = Slot4ACir::with_light_encoder(
+        &cfg,
+        store.var_builder(&Device::Cpu),
+        Box::new(FeatureMapOnly(1280)),
+    )
+    .unwrap();
+    let tokens = model
+        .tokens_from_feature_map(fx.exp("light_feature_map"))
+        .unwrap();
+    let out = model.slots(&tokens, true).unwrap();
+    let logits = out.keep_logits.unwrap();
+    let mask = out.keep_mask.unwrap();
+    // d(sum mask)/d logits = softmax' : for 2 classes, p(1−p) on the keep column.
+    let p = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)
+        .unwrap()
+        .narrow(2, 1, 1)
+        .unwrap()
+        .squeeze(2)
+        .unwrap();
+    let dp = (&p * (1.0 - &p).unwrap()).unwrap();
+    let loss = mask.sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let vars: HashMap<String, _> = store.trainable_vars().into_iter().collect();
+    let w = &vars["fusion_slot.slot_module.pred_keep_slot.weight"];
+    let g = grads.get(w.as_tensor()).expect("gradient for pred_keep_slot");
+    // dL/dW[1] = Σ dp·slot, dL/dW[0] = −Σ dp·slot
+    let slots = out.slots.detach().reshape(((), cfg.qformer_hidden)).unwrap();
+    let row = dp
+        .reshape((1, ()))
+        .unwrap()
+        .matmul(&slots)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let want = Tensor::stack(&[&row.neg().unwrap(), &row], 0).unwrap();
+    assert_close("straight-through gradient", g, &want, 1e-4);
+}
