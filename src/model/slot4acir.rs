@@ -354,12 +354,8 @@ impl Slot4ACir {
         let tokens = self.light_tokens_of(&batch.reference, train)?;
         let b = tokens.dim(0)?;
         let slots = self.slots(&tokens, train)?;
-        let query = self.query_feats_from_slots(
-            &slots,
-            &batch.input_ids,
-            &batch.attention_mask,
-            train,
-        )?;
+        let query =
+            self.query_feats_from_slots(&slots, &batch.input_ids, &batch.attention_mask, train)?;
         let target = self.gallery_feats_t(&self.embeds_of(&batch.target_vit)?, train)?;
         if target.dim(0)? != b {
             candle_core::bail!("{} targets for {b} references", target.dim(0)?);
