@@ -8,4 +8,5 @@ pub mod cli;
 pub mod config;
 pub mod model;
 pub mod ops;
+pub mod train;
 pub mod weights;

@@ -1,0 +1,3 @@
+//! Training (SPEC section 3): optimizer and schedule, checkpoints, the training loop.
+
+pub mod optim;
