@@ -1,3 +1,4 @@
 //! Training (SPEC section 3): optimizer and schedule, checkpoints, the training loop.
 
+pub mod checkpoint;
 pub mod optim;
