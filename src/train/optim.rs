@@ -12,9 +12,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{
-    backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor, Var,
-};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor, Var};
+
+use crate::train::gradcache::ParamGrads;
 
 /// `torch.optim.lr_scheduler.OneCycleLR` with cosine annealing, two phases.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -242,11 +242,11 @@ impl AdamW {
     /// One update with learning rate `lr` and first-moment coefficient `beta1`. A parameter
     /// without gradient is skipped (as torch skips `p.grad is None`) but the step counter is
     /// shared: every trainable parameter of this model receives a gradient.
-    pub fn step(&mut self, grads: &GradStore, lr: f64, beta1: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &ParamGrads, lr: f64, beta1: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+            let Some(g) = grads.get(&p.var) else {
                 continue;
             };
             let g = g.contiguous()?;
