@@ -9,4 +9,5 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod ops;
+pub mod train;
 pub mod weights;
