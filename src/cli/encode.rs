@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::data::preprocess::{self, Transform};
 use crate::model::{KeepMode, Slot4ACir};
 
 #[derive(clap::Args)]
@@ -21,6 +22,9 @@ pub struct Args {
     /// Image files to encode.
     #[arg(long, num_args = 1.., conflicts_with = "pixels", required_unless_present = "pixels")]
     pub images: Vec<PathBuf>,
+    /// Preprocessing of --images: `targetpad[:ratio]` or `squarepad`.
+    #[arg(long, default_value = "targetpad")]
+    pub transform: String,
     /// A .safetensors file holding preprocessed pixels (N,3,S,S).
     #[arg(long)]
     pub pixels: Option<PathBuf>,
@@ -50,15 +54,13 @@ pub enum KeepModeArg {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = ModelConfig::load(&args.model_config)?;
-    let device = Device::cuda_if_available(0)?;
-    let (mut model, _) = Slot4ACir::load(&cfg, &args.weights, &device)?;
-    model.keep_mode = match args.keep_mode {
-        KeepModeArg::Sample => KeepMode::Sample,
-        KeepModeArg::Argmax => KeepMode::Argmax,
-    };
     let pixels = match &args.pixels {
         Some(path) => read_tensor(path, args.pixels_key.as_deref())?,
-        None => load_images(&args.images, cfg.img_size)?,
+        None => load_images(
+            &args.images,
+            &Transform::parse(&args.transform)?,
+            cfg.img_size,
+        )?,
     };
     let n = pixels.dim(0)?;
     let tokens = args.tokens.as_deref().map(read_tokens).transpose()?;
@@ -67,6 +69,13 @@ pub fn run(args: Args) -> Result<()> {
             bail!("{} texts for {n} images (one text per image)", ids.dim(0)?);
         }
     }
+    // Inputs are checked first: the model is the slow part to load.
+    let device = Device::cuda_if_available(0)?;
+    let (mut model, _) = Slot4ACir::load(&cfg, &args.weights, &device)?;
+    model.keep_mode = match args.keep_mode {
+        KeepModeArg::Sample => KeepMode::Sample,
+        KeepModeArg::Argmax => KeepMode::Argmax,
+    };
     let out = encode(
         &model,
         &pixels.to_device(&device)?,
@@ -168,38 +177,16 @@ fn read_tokens(path: &Path) -> Result<(Tensor, Tensor)> {
     Ok((ids, mask))
 }
 
-/// CLIP normalization constants (SPEC section 4).
-const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
-
-/// Interim preprocessing: shorter side to `size` (bicubic), center crop, CLIP normalization.
-/// The Pillow-exact pipeline (TargetPad, antialiasing) is `data::preprocess`, replacing this.
-fn load_images(paths: &[PathBuf], size: usize) -> Result<Tensor> {
-    let mut all = Vec::with_capacity(paths.len() * 3 * size * size);
-    for path in paths {
-        let img = image::open(path)
-            .with_context(|| format!("reading image {}", path.display()))?
-            .to_rgb8();
-        let (w, h) = img.dimensions();
-        let scale = size as f64 / w.min(h) as f64;
-        let (nw, nh) = (
-            ((w as f64 * scale).round() as u32).max(size as u32),
-            ((h as f64 * scale).round() as u32).max(size as u32),
-        );
-        let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::CatmullRom);
-        let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-        for c in 0..3 {
-            for y in 0..size as u32 {
-                for x in 0..size as u32 {
-                    let v = img.get_pixel(x0 + x, y0 + y)[c] as f32 / 255.0;
-                    all.push((v - MEAN[c]) / STD[c]);
-                }
-            }
-        }
+/// Pillow-exact preprocessing of every image; an error names every file that failed.
+fn load_images(paths: &[PathBuf], transform: &Transform, size: usize) -> Result<Tensor> {
+    let batch = preprocess::load_batch(paths, transform, size)?;
+    if !batch.failed.is_empty() {
+        let list: Vec<String> = batch
+            .failed
+            .iter()
+            .map(|(i, e)| format!("{}: {e:#}", paths[*i].display()))
+            .collect();
+        bail!("{} image(s) failed:\n  {}", list.len(), list.join("\n  "));
     }
-    Ok(Tensor::from_vec(
-        all,
-        (paths.len(), 3, size, size),
-        &Device::Cpu,
-    )?)
+    Ok(batch.pixels)
 }
