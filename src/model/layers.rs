@@ -79,14 +79,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x, pad) = match self.padding {
-            Padding::Symmetric(p) => (x.clone(), p),
-            Padding::Explicit(t, b, l, r) if t == b && l == r && t == l => (x.clone(), t),
-            Padding::Explicit(t, b, l, r) => {
-                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-            }
+        let pads = match self.padding {
+            Padding::Symmetric(p) => [p; 4],
+            Padding::Explicit(t, b, l, r) => [t, b, l, r],
         };
-        let y = crate::ops::conv2d(&x, &self.weight, pad, self.stride, self.groups)?;
+        let y = crate::ops::conv2d_padded(x, &self.weight, pads, self.stride, self.groups)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
