@@ -2,3 +2,10 @@
 
 pub mod backbone;
 pub mod layers;
+pub mod qformer;
+pub mod slot4acir;
+pub mod slots;
+pub mod vit;
+
+pub use slot4acir::{LightInput, LossWeights, Losses, Slot4ACir, TrainBatch, VitInput};
+pub use slots::{KeepMode, SlotOutput};
