@@ -1,6 +1,7 @@
 //! EfficientNet-B0 light encoder against the reference fixture `parity-b0`: the eval-mode feature
-//! map of the reference images, BatchNorm folding, and the BatchNorm running statistics after one
-//! training-mode forward.
+//! map of the reference images, BatchNorm folding, the BatchNorm running statistics after one
+//! training-mode forward, and the gradient of the total loss with respect to the light encoder
+//! (through the whole model, in eval and training mode).
 
 mod common;
 
@@ -11,6 +12,7 @@ use common::{fixture_dir, rel_err};
 use slot4acir::config::ModelConfig;
 use slot4acir::model::backbone::efficientnet::{EfficientNet, EfficientNetConfig};
 use slot4acir::model::backbone::{build, LightEncoder};
+use slot4acir::model::{LightInput, LossWeights, Slot4ACir, TrainBatch, VitInput};
 use slot4acir::weights::{load_state_dict, Mode, ParamStore};
 
 const PREFIX: &str = "light_visual_encoder";
@@ -122,4 +124,66 @@ fn training_forward_updates_running_stats_like_reference() {
         checked >= 4,
         "only {checked} running statistics in the fixture"
     );
+}
+
+/// `loss_total` and `grad.light_visual_encoder.*` of the full model fed with pixels: the
+/// gradient flows back through the whole EfficientNet (depthwise backward, BatchNorm, SE).
+fn light_encoder_gradients(train: bool) {
+    let f = fixture();
+    let prefix = if train { "train." } else { "" };
+    let store = store(&f, Mode::Training);
+    let mut model = Slot4ACir::new(&f.config, store.var_builder(&Device::Cpu)).unwrap();
+    store.finish().unwrap();
+    model.qformer.dropout = 0.0; // the fixture switches every dropout off
+    let batch = TrainBatch {
+        reference: LightInput::Pixels(f.inputs["reference_images"].clone()),
+        reference_vit: VitInput::Pixels(f.inputs["reference_images"].clone()),
+        target_vit: VitInput::Pixels(f.inputs["target_images"].clone()),
+        input_ids: f.inputs["input_ids"].clone(),
+        attention_mask: f.inputs["attention_mask"].clone(),
+    };
+    let losses = model.losses(&batch, &LossWeights::cirr(), train).unwrap();
+    let total = losses
+        .total
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let want = f.expected[&format!("{prefix}loss_total")]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    println!("{prefix}loss_total {total:.6} vs {want:.6}");
+    assert!(
+        (total - want).abs() < 1e-4,
+        "{prefix}loss_total {total} vs {want}"
+    );
+    let grads = losses.total.backward().unwrap();
+    let vars: HashMap<String, _> = store.trainable_vars().into_iter().collect();
+    let mut checked = 0;
+    let grad_prefix = format!("{prefix}grad.{PREFIX}.");
+    for (key, want) in f
+        .expected
+        .iter()
+        .filter(|(k, _)| k.starts_with(&grad_prefix))
+    {
+        let param = &key[format!("{prefix}grad.").len()..];
+        let g = grads.get(vars[param].as_tensor()).unwrap();
+        let err = rel_err(g, want);
+        println!("{key}: relative error {err:.3e}");
+        assert!(err < 1e-3, "{key}: relative error {err:.3e}");
+        checked += 1;
+    }
+    assert!(checked >= 1, "no light-encoder gradient in the fixture");
+}
+
+#[test]
+fn light_encoder_gradient_eval_mode() {
+    light_encoder_gradients(false);
+}
+
+#[test]
+fn light_encoder_gradient_training_mode() {
+    light_encoder_gradients(true);
 }
