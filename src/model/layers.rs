@@ -79,14 +79,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x, pad) = match self.padding {
-            Padding::Symmetric(p) => (x.clone(), p),
-            Padding::Explicit(t, b, l, r) if t == b && l == r && t == l => (x.clone(), t),
-            Padding::Explicit(t, b, l, r) => {
-                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-            }
+        let pads = match self.padding {
+            Padding::Symmetric(p) => [p; 4],
+            Padding::Explicit(t, b, l, r) => [t, b, l, r],
         };
-        let y = crate::ops::conv2d(&x, &self.weight, pad, self.stride, self.groups)?;
+        let y = crate::ops::conv2d_padded(x, &self.weight, pads, self.stride, self.groups)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -162,6 +159,65 @@ impl BatchNorm {
         let shift = (&self.bias - (mean * &scale)?)?;
         x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
             .broadcast_add(&shift.reshape(bshape.as_slice())?)
+    }
+}
+
+impl BatchNorm {
+    /// `conv` followed by this BatchNorm in eval mode, as one convolution:
+    /// w' = w·scale (per output channel), b' = b·scale + shift.
+    pub fn fold_into(&self, conv: &Conv2d) -> Result<Conv2d> {
+        let (scale, shift) = self.eval_scale_shift()?;
+        let weight = conv
+            .weight
+            .broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+        let bias = match &conv.bias {
+            Some(b) => ((b * &scale)? + shift)?,
+            None => shift,
+        };
+        Ok(Conv2d {
+            weight,
+            bias: Some(bias),
+            ..conv.clone()
+        })
+    }
+}
+
+/// A convolution followed by BatchNorm. When built for inference (the parameters are plain
+/// tensors, not `Var`s that an optimizer or a training-mode forward would change), the eval-mode
+/// BatchNorm is folded into the convolution once, at construction; a training-mode forward
+/// (batch statistics) still runs the two separately.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+    fused: Option<Conv2d>,
+}
+
+impl ConvBn {
+    /// Folds the BatchNorm in when `fuse` is set and no parameter is a `Var`.
+    pub fn new(conv: Conv2d, bn: BatchNorm, fuse: bool) -> Result<Self> {
+        let frozen = !conv.weight.is_variable()
+            && !conv.bias.as_ref().is_some_and(|b| b.is_variable())
+            && ![&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
+                .iter()
+                .any(|t| t.is_variable());
+        let fused = if fuse && frozen {
+            Some(bn.fold_into(&conv)?)
+        } else {
+            None
+        };
+        Ok(Self { conv, bn, fused })
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.fused {
+            Some(f) if !train => f.forward(x),
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! Light query encoders (SPEC section 2). Interim: the trait and the factory; the backbones
-//! themselves (EfficientNet, EfficientViT, MobileNetV3) land separately.
+//! The light query encoders (SPEC section 2): each turns a (B,3,224,224) image batch into the
+//! feature map that the slot module reads.
+
+pub mod efficientnet;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -8,13 +10,17 @@ use crate::config::LightModelKind;
 
 /// A light encoder under `light_visual_encoder.*`.
 pub trait LightEncoder: Send + Sync {
-    /// Everything before global pooling and the classifier: (B,3,H,W) → (B,C,h,w).
+    /// everything before global pooling and the classifier: (B,C,h,w).
     /// `train`: BatchNorm with batch statistics (and running-stat updates).
     fn extract_features(&self, x: &Tensor, train: bool) -> Result<Tensor>;
     fn out_channels(&self) -> usize;
 }
 
-/// Builds the light encoder of `kind` from `vb` (already under `light_visual_encoder`).
-pub fn build(kind: LightModelKind, _vb: VarBuilder) -> Result<Box<dyn LightEncoder>> {
+/// The encoder `kind` with its parameters from `vb` (already under `light_visual_encoder` for a
+/// Slot4ACir checkpoint; the root for a backbone's own weights).
+pub fn build(kind: LightModelKind, vb: VarBuilder) -> Result<Box<dyn LightEncoder>> {
+    if let Some(cfg) = efficientnet::EfficientNetConfig::for_kind(kind) {
+        return Ok(Box::new(efficientnet::EfficientNet::new(vb, &cfg)?));
+    }
     candle_core::bail!("light encoder {} is not implemented yet", kind.name())
 }
