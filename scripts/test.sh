@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-assets.sh
-cargo test --release --all-targets 2>&1
+cargo test --release 2>&1
