@@ -174,10 +174,12 @@ impl MultiHeadSlotAttention {
             let prev = slots.clone();
             let q = self.split_heads(&self.to_q.forward(&self.norm_slots.forward(&slots)?)?)?;
             let dots = (q.matmul(&kt)? * scale)?; // (B,H,S,N)
-            // Each input token distributes itself over the slots ...
+                                                  // Each input token distributes itself over the slots ...
             let attn = (candle_nn::ops::softmax(&dots, D::Minus2)? + SLOT_EPS)?;
             // ... then each slot takes a weighted mean of the tokens (F.normalize p=1).
-            let l1 = attn.sum_keepdim(D::Minus1)?.clamp(1e-12f32, f32::INFINITY)?;
+            let l1 = attn
+                .sum_keepdim(D::Minus1)?
+                .clamp(1e-12f32, f32::INFINITY)?;
             let attn = attn.broadcast_div(&l1)?;
             let updates = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
             let updates = self.combine_heads.forward(&updates)?;
