@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod index;
 pub mod model;
 pub mod ops;
+pub mod serve;
 pub mod weights;
