@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-assets.sh
 ./scripts/install-chromium.sh   # the web-page test (tests/serve_page.rs); no-op when present
-cargo test --release --all-targets 2>&1
+cargo test --release 2>&1

@@ -1,0 +1,5 @@
+//! Training (SPEC section 3): optimizer and schedule, checkpoints, the training loop.
+
+pub mod checkpoint;
+pub mod gradcache;
+pub mod optim;
