@@ -4,6 +4,7 @@
 //! by content rather than extension, into float32 tensors; [`save_state_dict`] writes
 //! safetensors atomically.
 
+pub mod fingerprint;
 pub mod pickle;
 mod pth;
 pub mod store;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+pub use fingerprint::fingerprint;
 pub use store::{Mode, ParamStore, Role};
 
 /// The prefix `torch.nn.DataParallel` adds to every key.
