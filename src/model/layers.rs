@@ -140,12 +140,19 @@ impl BatchNorm {
                 .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
                 .broadcast_add(&shift.reshape(bshape.as_slice())?);
         }
-        // (C, N) view of the batch statistics.
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let n = xt.dim(1)?;
-        let mean = xt.mean(D::Minus1)?;
-        let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
-        let var = centered.sqr()?.mean(D::Minus1)?;
+        // Batch statistics over every dim but the channels, summed one dim at a time (short
+        // f32 accumulations: one long sum over B·H·W drifts by ~1e-5, visible in the losses).
+        let n = x.elem_count() / c;
+        let per_channel_mean = |t: &Tensor| -> Result<Tensor> {
+            let mut t = t.clone();
+            for d in (0..t.rank()).rev().filter(|&d| d != 1) {
+                t = t.sum_keepdim(d)?;
+            }
+            t.flatten_all()? / n as f64
+        };
+        let mean = per_channel_mean(x)?;
+        let centered = x.broadcast_sub(&mean.reshape(bshape.as_slice())?)?;
+        let var = per_channel_mean(&centered.sqr()?)?;
         if self.running_mean.is_variable() {
             let m = self.momentum;
             let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
