@@ -129,7 +129,12 @@ fn query_side(name: &'static str) {
         FEAT_TOL,
     );
     let query = model
-        .query_feats(&tokens, fx.inp("input_ids"), fx.inp("attention_mask"), false)
+        .query_feats(
+            &tokens,
+            fx.inp("input_ids"),
+            fx.inp("attention_mask"),
+            false,
+        )
         .unwrap();
     let sims = Slot4ACir::scores(&query, fx.exp("target_feats")).unwrap();
     assert_close(
@@ -165,8 +170,15 @@ fn check_losses(fx: &Fixture, losses: &slot4acir::model::Losses, prefix: &str) {
         let got = scalar(got.unwrap_or_else(|| panic!("{key} not computed")));
         let want = scalar(fx.exp(&format!("{prefix}{key}")));
         let diff = (got - want).abs();
-        println!("{} {prefix}{key}: {got:.6} vs {want:.6} (|diff| {diff:.2e})", fx.name);
-        assert!(diff < LOSS_TOL, "{}: {prefix}{key} off by {diff:e}", fx.name);
+        println!(
+            "{} {prefix}{key}: {got:.6} vs {want:.6} (|diff| {diff:.2e})",
+            fx.name
+        );
+        assert!(
+            diff < LOSS_TOL,
+            "{}: {prefix}{key} off by {diff:e}",
+            fx.name
+        );
     }
 }
 
@@ -276,7 +288,12 @@ fn adaptive_slots_mask_the_composition() {
         .tokens_from_feature_map(fx.exp("light_feature_map"))
         .unwrap();
     let out = model.slots(&tokens, false).unwrap();
-    assert_close("adaptive inner slots", &out.slots, fx.exp("slots"), FEAT_TOL);
+    assert_close(
+        "adaptive inner slots",
+        &out.slots,
+        fx.exp("slots"),
+        FEAT_TOL,
+    );
     let logits = out.keep_logits.clone().unwrap();
     let want_logits = out.slots.broadcast_matmul(&w_keep.t().unwrap()).unwrap();
     assert_close("keep_slot_logits", &logits, &want_logits, 1e-6);
@@ -295,23 +312,27 @@ fn adaptive_slots_mask_the_composition() {
         }
     }
     let total = m.len() * m[0].len();
-    assert!(kept > 0 && kept < total, "mask should mix: {kept}/{total} kept");
+    assert!(
+        kept > 0 && kept < total,
+        "mask should mix: {kept}/{total} kept"
+    );
     let again = model.slots(&tokens, false).unwrap().keep_mask.unwrap();
     assert_eq!(again.to_vec2::<f32>().unwrap(), m);
 
     // The composed query uses [mask ; text mask] in the text-only pass.
     let (ids, att) = (fx.inp("input_ids"), fx.inp("attention_mask"));
     let query = model.query_feats(&tokens, ids, att, false).unwrap();
-    let full_mask = Tensor::cat(
-        &[&mask, &att.to_dtype(candle_core::DType::F32).unwrap()],
-        1,
-    )
-    .unwrap();
+    let full_mask =
+        Tensor::cat(&[&mask, &att.to_dtype(candle_core::DType::F32).unwrap()], 1).unwrap();
     let hidden = model
         .qformer
         .text_with_prefix(&out.slots, ids, &full_mask, false)
         .unwrap();
-    let cls = hidden.narrow(1, cfg.num_slots, 1).unwrap().squeeze(1).unwrap();
+    let cls = hidden
+        .narrow(1, cfg.num_slots, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
     let want = candle_core::Module::forward(&model.text_proj, &cls).unwrap();
     let want = slot4acir::model::layers::l2_normalize(&want).unwrap();
     assert_close("adaptive query", &query, &want, 1e-6);
@@ -323,9 +344,7 @@ fn adaptive_slots_mask_the_composition() {
     // Sampling (the reference's behaviour) is reproducible under a seed.
     model.keep_mode = KeepMode::Sample;
     let sample = |seed| {
-        if let slot4acir::model::slots::SlotModule::Adaptive(a) = &model.slot_module {
-            a.seed(seed);
-        }
+        model.slot_module.seed(seed);
         model.slots(&tokens, false).unwrap().keep_mask.unwrap()
     };
     let (s1, s2) = (sample(7), sample(7));
@@ -366,9 +385,15 @@ fn adaptive_keep_mask_has_straight_through_gradient() {
     let grads = loss.backward().unwrap();
     let vars: HashMap<String, _> = store.trainable_vars().into_iter().collect();
     let w = &vars["fusion_slot.slot_module.pred_keep_slot.weight"];
-    let g = grads.get(w.as_tensor()).expect("gradient for pred_keep_slot");
+    let g = grads
+        .get(w.as_tensor())
+        .expect("gradient for pred_keep_slot");
     // dL/dW[1] = Σ dp·slot, dL/dW[0] = −Σ dp·slot
-    let slots = out.slots.detach().reshape(((), cfg.qformer_hidden)).unwrap();
+    let slots = out
+        .slots
+        .detach()
+        .reshape(((), cfg.qformer_hidden))
+        .unwrap();
     let row = dp
         .reshape((1, ()))
         .unwrap()

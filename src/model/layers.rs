@@ -281,11 +281,37 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm.clamp(1e-12f32, f32::INFINITY)?)
 }
 
+thread_local! {
+    /// The dropout masks' random stream once seeded on this thread (candle's own CPU
+    /// generator cannot be seeded); `None`: candle's generator.
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread's dropout masks a reproducible stream from `seed` (training replays a
+/// forward exactly for gradient accumulation and `--resume`).
+pub fn seed_dropout(seed: u64) {
+    use rand::SeedableRng;
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(seed)));
+}
+
 /// Inverted dropout as `nn.Dropout` in training mode; identity when `p` is 0 or not training.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
-    } else {
-        Ok(x.clone())
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            use rand::Rng;
+            let scale = (1.0 / (1.0 - p)) as f32;
+            let keep: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.gen::<f64>() >= p { scale } else { 0.0 })
+                .collect();
+            keep
+        })
+    });
+    match mask {
+        Some(keep) => x.mul(&Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?),
+        None => candle_nn::ops::dropout(x, p as f32),
     }
 }

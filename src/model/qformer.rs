@@ -129,7 +129,7 @@ struct Layer {
 
 impl Layer {
     fn new(vb: VarBuilder, cfg: &ModelConfig, index: usize) -> Result<Self> {
-        let cross_attention = if index % cfg.cross_attention_freq == 0 {
+        let cross_attention = if index.is_multiple_of(cfg.cross_attention_freq) {
             Some(Attention::new(vb.pp("crossattention"), cfg, cfg.vit_width)?)
         } else {
             None
@@ -166,9 +166,11 @@ impl Layer {
         if len == prefix_len {
             return Ok(queries);
         }
-        let text = self
-            .ffn
-            .forward(&attn.narrow(1, prefix_len, len - prefix_len)?, p_drop, train)?;
+        let text = self.ffn.forward(
+            &attn.narrow(1, prefix_len, len - prefix_len)?,
+            p_drop,
+            train,
+        )?;
         Tensor::cat(&[&queries, &text], 1)
     }
 }
@@ -281,10 +283,7 @@ impl QFormer {
         };
         if let Some(img) = image {
             if img.dim(0)? != b {
-                candle_core::bail!(
-                    "image tokens for {} items, sequence for {b}",
-                    img.dim(0)?
-                );
+                candle_core::bail!("image tokens for {} items, sequence for {b}", img.dim(0)?);
             }
         }
         for layer in &self.layers {
@@ -308,7 +307,13 @@ impl QFormer {
         image: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        self.forward(Some(queries), Some(input_ids), Some(mask), Some(image), train)
+        self.forward(
+            Some(queries),
+            Some(input_ids),
+            Some(mask),
+            Some(image),
+            train,
+        )
     }
 
     /// Text-only pass with a prefix of slot or anchor embeddings (B,P,H); `mask` (B,P+L).

@@ -27,6 +27,17 @@ pub enum TokenLayout {
     ChannelLast,
 }
 
+impl TokenLayout {
+    /// Feature map (B,C,h,w) → tokens (B,h·w,C).
+    pub fn tokens(self, map: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = map.dims4()?;
+        match self {
+            Self::Reinterpret => map.contiguous()?.reshape((b, h * w, c)),
+            Self::ChannelLast => map.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous(),
+        }
+    }
+}
+
 /// Input of the frozen ViT side: pixels, or its outputs computed earlier (a cache).
 #[derive(Debug, Clone)]
 pub enum VitInput {
@@ -251,11 +262,7 @@ impl Slot4ACir {
 
     /// Light feature map (B,C,h,w) → tokens (B,h·w,C) as `token_layout` says.
     pub fn tokens_from_feature_map(&self, map: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = map.dims4()?;
-        match self.token_layout {
-            TokenLayout::Reinterpret => map.contiguous()?.reshape((b, h * w, c)),
-            TokenLayout::ChannelLast => map.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous(),
-        }
+        self.token_layout.tokens(map)
     }
 
     /// Light tokens (B,h·w,C) of images (B,3,S,S).
@@ -348,34 +355,36 @@ impl Slot4ACir {
         }
     }
 
+    /// Reseeds every random stream of a training-mode forward (Q-Former dropout, Gumbel keep
+    /// masks) on this thread, so a forward can be replayed exactly (gradient accumulation,
+    /// `--resume`).
+    pub fn seed(&self, seed: u64) {
+        super::layers::seed_dropout(seed);
+        self.slot_module.seed(seed.wrapping_add(0x5EED));
+    }
+
     /// ITC (and with the teacher, RTC and DTA) on a batch, SPEC section 3. `train`: BatchNorm
     /// batch statistics, Q-Former dropout, sampled keep masks; the ViT is always frozen.
     pub fn losses(&self, batch: &TrainBatch, w: &LossWeights, train: bool) -> Result<Losses> {
+        self.losses_from_reps(&self.loss_reps(batch, w, train)?, w)
+    }
+
+    /// The per-example outputs the losses are computed from (every one keeps its graph).
+    pub fn loss_reps(&self, batch: &TrainBatch, w: &LossWeights, train: bool) -> Result<LossReps> {
         let tokens = self.light_tokens_of(&batch.reference, train)?;
         let b = tokens.dim(0)?;
         let slots = self.slots(&tokens, train)?;
-        let query = self.query_feats_from_slots(
-            &slots,
-            &batch.input_ids,
-            &batch.attention_mask,
-            train,
-        )?;
+        let query =
+            self.query_feats_from_slots(&slots, &batch.input_ids, &batch.attention_mask, train)?;
         let target = self.gallery_feats_t(&self.embeds_of(&batch.target_vit)?, train)?;
         if target.dim(0)? != b {
             candle_core::bail!("{} targets for {b} references", target.dim(0)?);
         }
-        let labels = Tensor::arange(0u32, b as u32, tokens.device())?;
-        let contrastive = |q: &Tensor| -> Result<Tensor> {
-            let logits = Self::scores(q, &target)?.broadcast_div(&self.temp)?;
-            candle_nn::loss::cross_entropy(&logits, &labels)
-        };
-        let itc = contrastive(&query)?;
         if !w.teacher {
-            return Ok(Losses {
-                total: itc.clone(),
-                itc,
-                rtc: None,
-                dta: None,
+            return Ok(LossReps {
+                query,
+                target,
+                teacher: None,
             });
         }
         // Teacher: the reference image through the large model, jointly with the text.
@@ -395,8 +404,36 @@ impl Slot4ACir {
             &batch.attention_mask,
             train,
         )?;
-        let rtc = contrastive(&teacher)?;
-        let dta = candle_nn::loss::mse(&slots.slots.mean(1)?, &anchors.mean(1)?)?;
+        Ok(LossReps {
+            query,
+            target,
+            teacher: Some(TeacherReps {
+                query: teacher,
+                slot_mean: slots.slots.mean(1)?,
+                anchor_mean: anchors.mean(1)?,
+            }),
+        })
+    }
+
+    /// The losses of a batch from its per-example outputs (row i of every tensor is triplet i).
+    pub fn losses_from_reps(&self, reps: &LossReps, w: &LossWeights) -> Result<Losses> {
+        let b = reps.query.dim(0)?;
+        let labels = Tensor::arange(0u32, b as u32, reps.query.device())?;
+        let contrastive = |q: &Tensor| -> Result<Tensor> {
+            let logits = Self::scores(q, &reps.target)?.broadcast_div(&self.temp)?;
+            candle_nn::loss::cross_entropy(&logits, &labels)
+        };
+        let itc = contrastive(&reps.query)?;
+        let Some(t) = reps.teacher.as_ref().filter(|_| w.teacher) else {
+            return Ok(Losses {
+                total: itc.clone(),
+                itc,
+                rtc: None,
+                dta: None,
+            });
+        };
+        let rtc = contrastive(&t.query)?;
+        let dta = candle_nn::loss::mse(&t.slot_mean, &t.anchor_mean)?;
         let total = ((&itc + (&dta * w.dta)?)? + (&rtc * w.rtc)?)?;
         Ok(Losses {
             itc,
@@ -404,5 +441,104 @@ impl Slot4ACir {
             dta: Some(dta),
             total,
         })
+    }
+}
+
+/// Per-example outputs of a training forward, from which [`Slot4ACir::losses_from_reps`]
+/// computes the batch losses: the batch-contrastive losses only couple examples there, which
+/// is what exact gradient accumulation needs (`train::gradcache`).
+#[derive(Debug, Clone)]
+pub struct LossReps {
+    /// (B,E) composed query vectors.
+    pub query: Tensor,
+    /// (B,Q,E) gallery vectors of the targets.
+    pub target: Tensor,
+    /// With `dta` in the loss setting.
+    pub teacher: Option<TeacherReps>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TeacherReps {
+    /// (B,E) teacher query vectors (anchors + text).
+    pub query: Tensor,
+    /// (B,D) mean over slots of the slot module output.
+    pub slot_mean: Tensor,
+    /// (B,D) mean over the anchors.
+    pub anchor_mean: Tensor,
+}
+
+impl LossReps {
+    /// The tensors in a fixed order (query, target[, teacher query, slot mean, anchor mean]).
+    pub fn to_vec(&self) -> Vec<Tensor> {
+        let mut v = vec![self.query.clone(), self.target.clone()];
+        if let Some(t) = &self.teacher {
+            v.extend([t.query.clone(), t.slot_mean.clone(), t.anchor_mean.clone()]);
+        }
+        v
+    }
+
+    /// The inverse of [`LossReps::to_vec`].
+    pub fn from_slice(v: &[Tensor]) -> Result<Self> {
+        match v {
+            [q, g] => Ok(Self {
+                query: q.clone(),
+                target: g.clone(),
+                teacher: None,
+            }),
+            [q, g, t, s, a] => Ok(Self {
+                query: q.clone(),
+                target: g.clone(),
+                teacher: Some(TeacherReps {
+                    query: t.clone(),
+                    slot_mean: s.clone(),
+                    anchor_mean: a.clone(),
+                }),
+            }),
+            _ => candle_core::bail!(
+                "loss representations: expected 2 or 5 tensors, got {}",
+                v.len()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reinterpret_the_buffer_or_put_channels_last() {
+        // (1, C=2, h=1, w=3): channel 0 = [0,1,2], channel 1 = [3,4,5].
+        let map = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 3))
+            .unwrap();
+        let r = TokenLayout::Reinterpret.tokens(&map).unwrap();
+        assert_eq!(
+            r.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0., 1.], vec![2., 3.], vec![4., 5.]]]
+        );
+        let c = TokenLayout::ChannelLast.tokens(&map).unwrap();
+        assert_eq!(
+            c.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]]
+        );
+    }
+
+    #[test]
+    fn scores_take_the_max_over_gallery_vectors() {
+        let dev = Device::Cpu;
+        // Two queries (E=2), gallery of two images with Q=3 vectors each.
+        let q = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+        let g = Tensor::new(
+            &[
+                [[0.5f32, 0.1], [0.9, -1.], [-1., 0.3]],
+                [[0.2f32, 0.2], [0.1, 0.8], [0.0, 0.0]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let s = Slot4ACir::scores(&q, &g).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(s, vec![vec![0.9, 0.2], vec![0.3, 0.8]]);
     }
 }

@@ -82,6 +82,29 @@ pub fn save_weights(
     write_atomic(path, &bytes)
 }
 
+/// The epoch recorded in a checkpoint written by [`save_weights`].
+pub fn checkpoint_epoch(path: &Path) -> Result<usize> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // Only the header is read.
+    let mut head = [0u8; 8];
+    std::io::Read::read_exact(&mut &f, &mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let n = u64::from_le_bytes(head) as usize;
+    if n > 100_000_000 {
+        bail!("{} is not a safetensors file", path.display());
+    }
+    let mut buf = vec![0u8; 8 + n];
+    buf[..8].copy_from_slice(&head);
+    std::io::Read::read_exact(&mut &f, &mut buf[8..])
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    let header: serde_json::Value = serde_json::from_slice(&buf[8..])
+        .with_context(|| format!("{} has a malformed header", path.display()))?;
+    header["__metadata__"]["epoch"]
+        .as_str()
+        .and_then(|e| e.parse().ok())
+        .with_context(|| format!("{} records no epoch", path.display()))
+}
+
 /// Where a run stands, for `--resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingState {
@@ -130,10 +153,11 @@ pub fn save_training_state(path: &Path, state: &TrainingState, opt: &AdamW) -> R
     write_atomic(path, &bytes)
 }
 
+/// AdamW (first, second) moments by parameter name.
+pub type SavedMoments = HashMap<String, (Tensor, Tensor)>;
+
 /// Reads a training-state file: the state and the moments by parameter name.
-pub fn load_training_state(
-    path: &Path,
-) -> Result<(TrainingState, HashMap<String, (Tensor, Tensor)>)> {
+pub fn load_training_state(path: &Path) -> Result<(TrainingState, SavedMoments)> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading training state {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
