@@ -50,6 +50,24 @@ pub struct CirrAnswer {
     pub subset_top: Vec<String>,
 }
 
+impl CirrAnswer {
+    /// The answer of one query from its scores over the gallery (`names` by position).
+    pub fn from_scores(
+        pair_id: i64,
+        scores: &[f32],
+        reference: usize,
+        members: &[usize],
+        names: &[String],
+    ) -> Self {
+        let to_names = |v: Vec<usize>| v.into_iter().map(|i| names[i].clone()).collect();
+        Self {
+            pair_id,
+            top: to_names(top_k(scores, TOP_K, reference)),
+            subset_top: to_names(subset_top_k(scores, members, reference, SUBSET_TOP_K)),
+        }
+    }
+}
+
 /// Writes the two files into `dir` (created if needed); returns their paths. Pair ids must be
 /// unique (the reference's dict would silently keep the last answer of a repeated id).
 pub fn write_cirr_submission(
