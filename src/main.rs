@@ -17,11 +17,14 @@ struct Cli {
 enum Command {
     /// Print the model configuration of a preset or file, with its parameter counts.
     Config(slot4acir::cli::config::Args),
+    /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
+    LlmAugment(slot4acir::cli::llm_augment::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     slot4acir::cli::init_logging();
     match Cli::parse().command {
         Command::Config(a) => slot4acir::cli::config::run(a),
+        Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
     }
 }
