@@ -141,7 +141,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         LightModelKind::parse(&self.light_model)?;
         let div = |a: usize, b: usize, what: &str| -> Result<()> {
-            if b == 0 || a % b != 0 {
+            if b == 0 || !a.is_multiple_of(b) {
                 bail!("{what}: {a} is not divisible by {b}");
             }
             Ok(())

@@ -6,7 +6,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
+pub mod index;
 pub mod llm;
 pub mod model;
 pub mod ops;
+pub mod serve;
+pub mod train;
 pub mod weights;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Print the model configuration of a preset or file, with its parameter counts.
     Config(slot4acir::cli::config::Args),
+    /// Encode images (gallery vectors, light tokens, slots) and, with texts, composed queries.
+    Encode(slot4acir::cli::encode::Args),
     /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
     LlmAugment(slot4acir::cli::llm_augment::Args),
 }
@@ -25,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     slot4acir::cli::init_logging();
     match Cli::parse().command {
         Command::Config(a) => slot4acir::cli::config::run(a),
+        Command::Encode(a) => slot4acir::cli::encode::run(a),
         Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
     }
 }

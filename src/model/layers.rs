@@ -79,14 +79,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x, pad) = match self.padding {
-            Padding::Symmetric(p) => (x.clone(), p),
-            Padding::Explicit(t, b, l, r) if t == b && l == r && t == l => (x.clone(), t),
-            Padding::Explicit(t, b, l, r) => {
-                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-            }
+        let pads = match self.padding {
+            Padding::Symmetric(p) => [p; 4],
+            Padding::Explicit(t, b, l, r) => [t, b, l, r],
         };
-        let y = crate::ops::conv2d(&x, &self.weight, pad, self.stride, self.groups)?;
+        let y = crate::ops::conv2d_padded(x, &self.weight, pads, self.stride, self.groups)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -162,5 +159,145 @@ impl BatchNorm {
         let shift = (&self.bias - (mean * &scale)?)?;
         x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
             .broadcast_add(&shift.reshape(bshape.as_slice())?)
+    }
+}
+
+impl BatchNorm {
+    /// `conv` followed by this BatchNorm in eval mode, as one convolution:
+    /// w' = w·scale (per output channel), b' = b·scale + shift.
+    pub fn fold_into(&self, conv: &Conv2d) -> Result<Conv2d> {
+        let (scale, shift) = self.eval_scale_shift()?;
+        let weight = conv
+            .weight
+            .broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+        let bias = match &conv.bias {
+            Some(b) => ((b * &scale)? + shift)?,
+            None => shift,
+        };
+        Ok(Conv2d {
+            weight,
+            bias: Some(bias),
+            ..conv.clone()
+        })
+    }
+}
+
+/// A convolution followed by BatchNorm. When built for inference (the parameters are plain
+/// tensors, not `Var`s that an optimizer or a training-mode forward would change), the eval-mode
+/// BatchNorm is folded into the convolution once, at construction; a training-mode forward
+/// (batch statistics) still runs the two separately.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+    fused: Option<Conv2d>,
+}
+
+impl ConvBn {
+    /// Folds the BatchNorm in when `fuse` is set and no parameter is a `Var`.
+    pub fn new(conv: Conv2d, bn: BatchNorm, fuse: bool) -> Result<Self> {
+        let frozen = !conv.weight.is_variable()
+            && !conv.bias.as_ref().is_some_and(|b| b.is_variable())
+            && ![&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
+                .iter()
+                .any(|t| t.is_variable());
+        let fused = if fuse && frozen {
+            Some(bn.fold_into(&conv)?)
+        } else {
+            None
+        };
+        Ok(Self { conv, bn, fused })
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.fused {
+            Some(f) if !train => f.forward(x),
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension, PyTorch semantics (biased variance, `eps` inside the
+/// square root). Computed in two passes (mean, then centered variance): candle's fused kernel
+/// uses E[x²]−E[x]², which loses precision at eps 1e-12 and has no backward pass.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension: candle's fused kernel when no gradient is needed, the
+/// differentiable composition otherwise.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// `F.normalize(x, dim=-1)`: x / max(‖x‖₂, 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    x.broadcast_div(&norm.clamp(1e-12f32, f32::INFINITY)?)
+}
+
+thread_local! {
+    /// The dropout masks' random stream once seeded on this thread (candle's own CPU
+    /// generator cannot be seeded); `None`: candle's generator.
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread's dropout masks a reproducible stream from `seed` (training replays a
+/// forward exactly for gradient accumulation and `--resume`).
+pub fn seed_dropout(seed: u64) {
+    use rand::SeedableRng;
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(seed)));
+}
+
+/// Inverted dropout as `nn.Dropout` in training mode; identity when `p` is 0 or not training.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            use rand::Rng;
+            let scale = (1.0 / (1.0 - p)) as f32;
+            let keep: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.gen::<f64>() >= p { scale } else { 0.0 })
+                .collect();
+            keep
+        })
+    });
+    match mask {
+        Some(keep) => x.mul(&Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?),
+        None => candle_nn::ops::dropout(x, p as f32),
     }
 }

@@ -1,5 +1,6 @@
 //! Loading and saving weights under the reference key names.
 
+pub mod fingerprint;
 pub mod store;
 
 use std::collections::HashMap;
@@ -8,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
+pub use fingerprint::fingerprint;
 pub use store::{Mode, ParamStore, Role};
 
 /// Loads a state dict from a `.safetensors` file.

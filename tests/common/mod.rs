@@ -23,9 +23,30 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 
 /// ‖a − b‖ / ‖b‖ over all elements.
 pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
-    let a = a.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let a = a
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let b = b
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (num / den.max(1e-300)).sqrt()
 }

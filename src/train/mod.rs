@@ -1,0 +1,6 @@
+//! Training (SPEC section 3): optimizer and schedule, checkpoints, the training loop.
+
+pub mod checkpoint;
+pub mod gradcache;
+pub mod optim;
+pub mod trainer;
