@@ -360,9 +360,7 @@ impl Slot4ACir {
     /// `--resume`).
     pub fn seed(&self, seed: u64) {
         super::layers::seed_dropout(seed);
-        if let SlotModule::Adaptive(a) = &self.slot_module {
-            a.seed(seed.wrapping_add(0x5EED));
-        }
+        self.slot_module.seed(seed.wrapping_add(0x5EED));
     }
 
     /// ITC (and with the teacher, RTC and DTA) on a batch, SPEC section 3. `train`: BatchNorm
