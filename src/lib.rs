@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod index;
+pub mod llm;
 pub mod model;
 pub mod ops;
 pub mod serve;
