@@ -29,7 +29,9 @@ fn fixture() -> Fixture {
     let load = |f: &str| load_state_dict(&dir.join(f)).unwrap();
     Fixture {
         weights: load("weights.safetensors"),
-        inputs: load("inputs.safetensors"),
+        // Read as stored: the weights loader turns every tensor into f32, the token ids must stay i64.
+        inputs: candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)
+            .unwrap(),
         expected: load("expected.safetensors"),
         config: ModelConfig::load(dir.join("meta.json").to_str().unwrap()).unwrap(),
     }
