@@ -8,6 +8,7 @@ pub mod fingerprint;
 pub mod pickle;
 mod pth;
 pub mod store;
+mod torch_pickle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
