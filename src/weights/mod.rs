@@ -8,6 +8,7 @@ pub mod fingerprint;
 pub mod pickle;
 mod pth;
 pub mod store;
+mod torch_pickle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -49,7 +50,7 @@ fn detect(bytes: &[u8]) -> Option<Format> {
 /// Loads a state dict: `.safetensors`, or a PyTorch `.pth`/`.pt`/`.bin` in the zip or the
 /// legacy format, whatever the file is named. PyTorch checkpoints may wrap the state dict as
 /// the reference does (`{"epoch", "Blip2LightCir"}`), as LAVIS does (`{"model", …}`), or under
-/// `state_dict`. Every tensor becomes float32 on the CPU (integer buffers such as
+/// `state_dict` / `model_state_dict`; entries that are not tensors are skipped. Every tensor becomes float32 on the CPU (integer buffers such as
 /// `num_batches_tracked` too); a `module.` prefix (DataParallel) is removed. Errors name the
 /// file and, where known, the tensor.
 pub fn load_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {

@@ -378,7 +378,7 @@ fn materialize(t: &TensorRef, bytes: &[u8], little: bool) -> Result<Tensor> {
         } else {
             let mut flat = Vec::with_capacity(span.len() / esize);
             elem.decode(span, little, &mut flat);
-            gather(&flat, &size, &stride, &mut data);
+            data = gather(&flat, &size, &stride);
         }
     }
     Ok(Tensor::from_vec(data, size, &Device::Cpu)?)
@@ -396,24 +396,56 @@ fn is_contiguous(size: &[usize], stride: &[usize]) -> bool {
     true
 }
 
-/// Copies the strided view of `src` (starting at 0) into `out` in row-major order. The caller
-/// has checked that every index lies inside `src`.
-fn gather(src: &[f32], size: &[usize], stride: &[usize], out: &mut Vec<f32>) {
+/// The strided view of `src` (starting at 0) in row-major order. The caller has checked that
+/// every index lies inside `src`. The last two dimensions are copied in tiles, so that
+/// transposed matrices (common in converted checkpoints) read whole cache lines.
+fn gather(src: &[f32], size: &[usize], stride: &[usize]) -> Vec<f32> {
+    const TILE: usize = 32;
     let numel: usize = size.iter().product();
-    let mut idx = vec![0usize; size.len()];
-    let mut pos = 0usize;
-    for _ in 0..numel {
-        out.push(src[pos]);
-        for d in (0..size.len()).rev() {
+    let mut out = vec![0f32; numel];
+    if numel == 0 {
+        return out;
+    }
+    // Dimensions of size 1 do not move through memory.
+    let (size, stride): (Vec<usize>, Vec<usize>) =
+        size.iter().zip(stride).filter(|(&n, _)| n != 1).unzip();
+    let r = size.len();
+    let (rows, row_stride) = if r >= 2 {
+        (size[r - 2], stride[r - 2])
+    } else {
+        (1, 0)
+    };
+    let (cols, col_stride) = if r >= 1 {
+        (size[r - 1], stride[r - 1])
+    } else {
+        (1, 0)
+    };
+    let outer = r.saturating_sub(2);
+    let mut idx = vec![0usize; outer];
+    let mut base = 0usize;
+    for plane in out.chunks_exact_mut(rows * cols) {
+        for i0 in (0..rows).step_by(TILE) {
+            for j0 in (0..cols).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(rows) {
+                    let from = base + i * row_stride;
+                    let row = &mut plane[i * cols..(i + 1) * cols];
+                    for j in j0..(j0 + TILE).min(cols) {
+                        row[j] = src[from + j * col_stride];
+                    }
+                }
+            }
+        }
+        for d in (0..outer).rev() {
             idx[d] += 1;
-            pos += stride[d];
+            base += stride[d];
             if idx[d] < size[d] {
                 break;
             }
-            pos -= stride[d] * size[d];
+            base -= stride[d] * size[d];
             idx[d] = 0;
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -424,13 +456,23 @@ mod tests {
     fn gathers_transposed_and_broadcast_views() {
         // A 2×3 row-major storage 0..6 seen transposed (3×2, strides (1, 3)).
         let src: Vec<f32> = (0..6).map(|i| i as f32).collect();
-        let mut out = Vec::new();
-        gather(&src, &[3, 2], &[1, 3], &mut out);
-        assert_eq!(out, vec![0., 3., 1., 4., 2., 5.]);
-        // An expanded row (stride 0).
-        out.clear();
-        gather(&src, &[2, 3], &[0, 1], &mut out);
-        assert_eq!(out, vec![0., 1., 2., 0., 1., 2.]);
+        assert_eq!(gather(&src, &[3, 2], &[1, 3]), vec![0., 3., 1., 4., 2., 5.]);
+        // An expanded row (stride 0), and unit dimensions with arbitrary strides.
+        assert_eq!(gather(&src, &[2, 3], &[0, 1]), vec![0., 1., 2., 0., 1., 2.]);
+        assert_eq!(
+            gather(&src, &[3, 1, 2], &[1, 99, 3]),
+            vec![0., 3., 1., 4., 2., 5.]
+        );
+        // Three dimensions: (2, 2, 3) read from a (3, 2, 2) storage, permuted (2, 0, 1).
+        let src: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let want: Vec<f32> = (0..2)
+            .flat_map(|a| (0..2).flat_map(move |b| (0..3).map(move |c| (c * 4 + a * 2 + b) as f32)))
+            .collect();
+        assert_eq!(gather(&src, &[2, 2, 3], &[2, 1, 4]), want);
+        // Larger than a tile in both directions: a 70×45 transpose.
+        let src: Vec<f32> = (0..70 * 45).map(|i| i as f32).collect();
+        let t = gather(&src, &[70, 45], &[1, 70]);
+        assert!((0..70).all(|i| (0..45).all(|j| t[i * 45 + j] == (j * 70 + i) as f32)));
         assert!(is_contiguous(&[2, 1, 3], &[3, 7, 1]));
         assert!(!is_contiguous(&[3, 2], &[1, 3]));
     }
