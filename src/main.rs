@@ -13,6 +13,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once: the size of the largest Args does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print the model configuration of a preset or file, with its parameter counts.

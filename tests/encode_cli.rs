@@ -1,5 +1,5 @@
-//! `slot4acir encode` end to end on a fixture: pixels and token ids from inputs.safetensors,
-//! outputs compared with expected.safetensors.
+//! `slot4acir encode` end to end on a fixture: pixels from inputs.safetensors, texts as its
+//! token ids or as the raw captions of meta.json; outputs compared with expected.safetensors.
 
 mod common;
 
@@ -11,7 +11,13 @@ use slot4acir::model::Slot4ACir;
 
 use common::{fixture_dir, rel_err};
 
-fn encode(dir: &Path, pixels_key: &str, out: &Path) -> std::collections::HashMap<String, Tensor> {
+/// Runs the command on the fixture's `pixels_key` images with `text_args` (--tokens or --texts).
+fn encode(
+    dir: &Path,
+    pixels_key: &str,
+    text_args: &[String],
+    out: &Path,
+) -> std::collections::HashMap<String, Tensor> {
     let inputs = dir.join("inputs.safetensors");
     let status = Command::new(env!("CARGO_BIN_EXE_slot4acir"))
         .arg("encode")
@@ -22,8 +28,7 @@ fn encode(dir: &Path, pixels_key: &str, out: &Path) -> std::collections::HashMap
         .arg("--pixels")
         .arg(&inputs)
         .args(["--pixels-key", pixels_key])
-        .arg("--tokens")
-        .arg(&inputs)
+        .args(text_args)
         .args(["--batch-size", "3"]) // two batches of 4 images: exercises the concatenation
         .arg("--out")
         .arg(out)
@@ -47,9 +52,12 @@ fn encode_matches_the_fixture() {
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let tmp = tempfile::tempdir().unwrap();
 
+    let inputs = dir.join("inputs.safetensors").display().to_string();
+    let tokens = ["--tokens".to_string(), inputs];
     let targets = encode(
         &dir,
         "target_images",
+        &tokens,
         &tmp.path().join("targets.safetensors"),
     );
     check(
@@ -64,9 +72,17 @@ fn encode_matches_the_fixture() {
     );
     assert_eq!(targets["scores"].dims(), [4, 4]);
 
+    // The references with the raw captions: caption processing and tokenizer included.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let mut texts = vec!["--texts".to_string()];
+    for c in meta["raw_captions"].as_array().unwrap() {
+        texts.push(c.as_str().unwrap().to_string());
+    }
     let refs = encode(
         &dir,
         "reference_images",
+        &texts,
         &tmp.path().join("refs.safetensors"),
     );
     check("slots", &refs["slots"], &expected["slots"]);

@@ -296,6 +296,11 @@ fn losses_and_grads_evitm2() {
     losses_and_grads_from_tokens("parity-evitm2");
 }
 
+#[test]
+fn full_model_mbv3s_train() {
+    full_model("parity-mbv3s", true);
+}
+
 /// The fixtures have no adaptive model: build one from parity-b0 (its slot module under
 /// `slot_attn`, plus a `pred_keep_slot` that keeps some slots and drops others) and check the
 /// wrapper against the plain module and the Q-Former pass it feeds.

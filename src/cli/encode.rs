@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::data::preprocess::{self, Transform};
 use crate::model::{KeepMode, Slot4ACir};
+use crate::text;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,8 +32,12 @@ pub struct Args {
     /// The tensor to read from --pixels (needed when the file holds several).
     #[arg(long, requires = "pixels")]
     pub pixels_key: Option<String>,
-    /// Pre-tokenized modification texts, one per image: a .safetensors file with
-    /// `input_ids` and `attention_mask` (N,L).
+    /// Modification texts, one per image (each goes through the caption processor and the
+    /// tokenizer, `max_txt_len` tokens).
+    #[arg(long, num_args = 1.., conflicts_with = "tokens")]
+    pub texts: Vec<String>,
+    /// Pre-tokenized texts instead of --texts: a .safetensors file with `input_ids` and
+    /// `attention_mask` (N,L).
     #[arg(long)]
     pub tokens: Option<PathBuf>,
     /// Adaptive models: draw the keep mask as the reference (sample) or deterministically.
@@ -63,7 +68,11 @@ pub fn run(args: Args) -> Result<()> {
         )?,
     };
     let n = pixels.dim(0)?;
-    let tokens = args.tokens.as_deref().map(read_tokens).transpose()?;
+    let tokens = match &args.tokens {
+        Some(path) => Some(read_tokens(path)?),
+        None if !args.texts.is_empty() => Some(tokenize(&args.texts, cfg.max_txt_len)?),
+        None => None,
+    };
     if let Some((ids, _)) = &tokens {
         if ids.dim(0)? != n {
             bail!("{} texts for {n} images (one text per image)", ids.dim(0)?);
@@ -155,6 +164,12 @@ fn read_tensor(path: &Path, key: Option<&str>) -> Result<Tensor> {
         );
     }
     Ok(t.to_dtype(DType::F32)?)
+}
+
+fn tokenize(texts: &[String], max_len: usize) -> Result<(Tensor, Tensor)> {
+    let processed: Vec<String> = texts.iter().map(|t| text::process_caption(t)).collect();
+    let (ids, mask) = text::Tokenizer::bert_uncased()?.encode_batch(&processed, max_len)?;
+    Ok((ids, mask.to_dtype(DType::F32)?))
 }
 
 fn read_tokens(path: &Path) -> Result<(Tensor, Tensor)> {
