@@ -19,6 +19,8 @@ enum Command {
     Config(slot4acir::cli::config::Args),
     /// Encode images (gallery vectors, light tokens, slots) and, with texts, composed queries.
     Encode(slot4acir::cli::encode::Args),
+    /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
+    LlmAugment(slot4acir::cli::llm_augment::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +28,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
+        Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
     }
 }

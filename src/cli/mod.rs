@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod encode;
+pub mod llm_augment;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
