@@ -1,4 +1,6 @@
-//! Evaluation: metrics from score matrices, CIRR test submissions.
+//! Evaluation: the driver (gallery pass, queries, scores), metrics from score matrices, CIRR
+//! test submissions.
 
+pub mod driver;
 pub mod metrics;
 pub mod submission;
