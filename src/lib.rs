@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod model;
 pub mod ops;
 pub mod train;
