@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-assets.sh
+./scripts/install-chromium.sh   # the web-page test (tests/serve_page.rs); no-op when present
 cargo test --release 2>&1

@@ -17,11 +17,14 @@ struct Cli {
 enum Command {
     /// Print the model configuration of a preset or file, with its parameter counts.
     Config(slot4acir::cli::config::Args),
+    /// Encode images (gallery vectors, light tokens, slots) and, with texts, composed queries.
+    Encode(slot4acir::cli::encode::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     slot4acir::cli::init_logging();
     match Cli::parse().command {
         Command::Config(a) => slot4acir::cli::config::run(a),
+        Command::Encode(a) => slot4acir::cli::encode::run(a),
     }
 }

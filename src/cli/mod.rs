@@ -1,6 +1,7 @@
 //! One module per subcommand: a clap `Args` struct and `run(args) -> anyhow::Result<()>`.
 
 pub mod config;
+pub mod encode;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -79,14 +79,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x, pad) = match self.padding {
-            Padding::Symmetric(p) => (x.clone(), p),
-            Padding::Explicit(t, b, l, r) if t == b && l == r && t == l => (x.clone(), t),
-            Padding::Explicit(t, b, l, r) => {
-                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-            }
+        let pads = match self.padding {
+            Padding::Symmetric(p) => [p; 4],
+            Padding::Explicit(t, b, l, r) => [t, b, l, r],
         };
-        let y = crate::ops::conv2d(&x, &self.weight, pad, self.stride, self.groups)?;
+        let y = crate::ops::conv2d_padded(x, &self.weight, pads, self.stride, self.groups)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -133,6 +130,20 @@ impl BatchNorm {
         Ok((scale, shift))
     }
 
+    /// Running statistics update from a batch's mean and biased variance over `n` values per
+    /// channel (unbiased variance in the update, as PyTorch); only for mutable buffers.
+    fn update_running_stats(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        if !self.running_mean.is_variable() {
+            return Ok(());
+        }
+        let m = self.momentum;
+        let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
+        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+        Var::from_tensor(&self.running_var)?.set(&new_var)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         let mut bshape = vec![1usize; x.rank()];
@@ -143,25 +154,91 @@ impl BatchNorm {
                 .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
                 .broadcast_add(&shift.reshape(bshape.as_slice())?);
         }
-        // (C, N) view of the batch statistics.
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let n = xt.dim(1)?;
-        let mean = xt.mean(D::Minus1)?;
-        let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
-        let var = centered.sqr()?.mean(D::Minus1)?;
-        if self.running_mean.is_variable() {
-            let m = self.momentum;
-            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
-            let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
-            let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
-            Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
-            Var::from_tensor(&self.running_var)?.set(&new_var)?;
+        let n = x.elem_count() / c.max(1);
+        // The fused kernel where it runs (CPU); the composition of candle ops elsewhere.
+        if crate::ops::batchnorm::is_supported(x, &self.weight) {
+            let out =
+                crate::ops::batchnorm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            self.update_running_stats(&out.mean, &out.var, n)?;
+            return Ok(out.y);
         }
+        // Batch statistics over every dim but the channels, summed one dim at a time (short
+        // f32 accumulations: one long sum over B·H·W drifts by ~1e-5, visible in the losses).
+        let per_channel_mean = |t: &Tensor| -> Result<Tensor> {
+            let mut t = t.clone();
+            for d in (0..t.rank()).rev().filter(|&d| d != 1) {
+                t = t.sum_keepdim(d)?;
+            }
+            t.flatten_all()? / n as f64
+        };
+        let mean = per_channel_mean(x)?;
+        let centered = x.broadcast_sub(&mean.reshape(bshape.as_slice())?)?;
+        let var = per_channel_mean(&centered.sqr()?)?;
+        self.update_running_stats(&mean, &var, n)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let scale = (&self.weight * inv)?;
         let shift = (&self.bias - (mean * &scale)?)?;
         x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
             .broadcast_add(&shift.reshape(bshape.as_slice())?)
+    }
+}
+
+impl BatchNorm {
+    /// `conv` followed by this BatchNorm in eval mode, as one convolution:
+    /// w' = w·scale (per output channel), b' = b·scale + shift.
+    pub fn fold_into(&self, conv: &Conv2d) -> Result<Conv2d> {
+        let (scale, shift) = self.eval_scale_shift()?;
+        let weight = conv
+            .weight
+            .broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+        let bias = match &conv.bias {
+            Some(b) => ((b * &scale)? + shift)?,
+            None => shift,
+        };
+        Ok(Conv2d {
+            weight,
+            bias: Some(bias),
+            ..conv.clone()
+        })
+    }
+}
+
+/// A convolution followed by BatchNorm. When built for inference (the parameters are plain
+/// tensors, not `Var`s that an optimizer or a training-mode forward would change), the eval-mode
+/// BatchNorm is folded into the convolution once, at construction; a training-mode forward
+/// (batch statistics) still runs the two separately.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+    fused: Option<Conv2d>,
+}
+
+impl ConvBn {
+    /// Folds the BatchNorm in when `fuse` is set and no parameter is a `Var`.
+    pub fn new(conv: Conv2d, bn: BatchNorm, fuse: bool) -> Result<Self> {
+        let frozen = !conv.weight.is_variable()
+            && !conv.bias.as_ref().is_some_and(|b| b.is_variable())
+            && ![&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
+                .iter()
+                .any(|t| t.is_variable());
+        let fused = if fuse && frozen {
+            Some(bn.fold_into(&conv)?)
+        } else {
+            None
+        };
+        Ok(Self { conv, bn, fused })
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.fused {
+            Some(f) if !train => f.forward(x),
+            _ => self.bn.forward_t(&self.conv.forward(x)?, train),
+        }
     }
 }
 

@@ -129,7 +129,7 @@ struct Layer {
 
 impl Layer {
     fn new(vb: VarBuilder, cfg: &ModelConfig, index: usize) -> Result<Self> {
-        let cross_attention = if index % cfg.cross_attention_freq == 0 {
+        let cross_attention = if index.is_multiple_of(cfg.cross_attention_freq) {
             Some(Attention::new(vb.pp("crossattention"), cfg, cfg.vit_width)?)
         } else {
             None

@@ -27,6 +27,17 @@ pub enum TokenLayout {
     ChannelLast,
 }
 
+impl TokenLayout {
+    /// Feature map (B,C,h,w) → tokens (B,h·w,C).
+    pub fn tokens(self, map: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = map.dims4()?;
+        match self {
+            Self::Reinterpret => map.contiguous()?.reshape((b, h * w, c)),
+            Self::ChannelLast => map.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous(),
+        }
+    }
+}
+
 /// Input of the frozen ViT side: pixels, or its outputs computed earlier (a cache).
 #[derive(Debug, Clone)]
 pub enum VitInput {
@@ -251,11 +262,7 @@ impl Slot4ACir {
 
     /// Light feature map (B,C,h,w) → tokens (B,h·w,C) as `token_layout` says.
     pub fn tokens_from_feature_map(&self, map: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = map.dims4()?;
-        match self.token_layout {
-            TokenLayout::Reinterpret => map.contiguous()?.reshape((b, h * w, c)),
-            TokenLayout::ChannelLast => map.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous(),
-        }
+        self.token_layout.tokens(map)
     }
 
     /// Light tokens (B,h·w,C) of images (B,3,S,S).
@@ -353,9 +360,7 @@ impl Slot4ACir {
     /// `--resume`).
     pub fn seed(&self, seed: u64) {
         super::layers::seed_dropout(seed);
-        if let SlotModule::Adaptive(a) = &self.slot_module {
-            a.seed(seed.wrapping_add(0x5EED));
-        }
+        self.slot_module.seed(seed.wrapping_add(0x5EED));
     }
 
     /// ITC (and with the teacher, RTC and DTA) on a batch, SPEC section 3. `train`: BatchNorm
@@ -494,5 +499,46 @@ impl LossReps {
                 v.len()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reinterpret_the_buffer_or_put_channels_last() {
+        // (1, C=2, h=1, w=3): channel 0 = [0,1,2], channel 1 = [3,4,5].
+        let map = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 3))
+            .unwrap();
+        let r = TokenLayout::Reinterpret.tokens(&map).unwrap();
+        assert_eq!(
+            r.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0., 1.], vec![2., 3.], vec![4., 5.]]]
+        );
+        let c = TokenLayout::ChannelLast.tokens(&map).unwrap();
+        assert_eq!(
+            c.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]]
+        );
+    }
+
+    #[test]
+    fn scores_take_the_max_over_gallery_vectors() {
+        let dev = Device::Cpu;
+        // Two queries (E=2), gallery of two images with Q=3 vectors each.
+        let q = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+        let g = Tensor::new(
+            &[
+                [[0.5f32, 0.1], [0.9, -1.], [-1., 0.3]],
+                [[0.2f32, 0.2], [0.1, 0.8], [0.0, 0.0]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let s = Slot4ACir::scores(&q, &g).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(s, vec![vec![0.9, 0.2], vec![0.3, 0.8]]);
     }
 }

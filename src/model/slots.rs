@@ -115,7 +115,7 @@ pub struct MultiHeadSlotAttention {
 
 impl MultiHeadSlotAttention {
     pub fn new(vb: VarBuilder, num_slots: usize, input_dim: usize, dim: usize) -> Result<Self> {
-        if dim % SLOT_HEADS != 0 {
+        if !dim.is_multiple_of(SLOT_HEADS) {
             candle_core::bail!("slot dim {dim} is not divisible by {SLOT_HEADS} heads");
         }
         // xavier_uniform_ on (1,S,D): fan_in = S·D, fan_out = D.
@@ -215,26 +215,25 @@ pub struct SlotOutput {
     pub keep_mask: Option<Tensor>,
 }
 
-/// `AdaptiveSlotWrapper`: predicts for each slot whether to keep it.
-pub struct AdaptiveSlots {
-    pub slot_attn: MultiHeadSlotAttention,
+/// `AdaptiveSlotWrapper`'s `pred_keep_slot` (Linear D→2, no bias) and its hard
+/// Gumbel-softmax (temperature 1) with a straight-through gradient.
+pub struct KeepSlotPredictor {
     pred_keep_slot: Linear,
     temperature: f64,
     rng: Mutex<StdRng>,
 }
 
-impl AdaptiveSlots {
-    pub fn new(vb: VarBuilder, slot_attn: MultiHeadSlotAttention) -> Result<Self> {
-        let pred_keep_slot = slot_linear(slot_attn.dim(), 2, false, vb.pp("pred_keep_slot"))?;
+impl KeepSlotPredictor {
+    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
-            slot_attn,
-            pred_keep_slot,
+            pred_keep_slot: slot_linear(dim, 2, false, vb.pp("pred_keep_slot"))?,
             temperature: 1.0,
             rng: Mutex::new(StdRng::from_entropy()),
         })
     }
 
-    /// Gumbel noise −log(−log(u)) for `shape`, u uniform in [0,1), clamped as the reference.
+    /// Gumbel noise −log(−log(u)) shaped as `logits`, u uniform in [0,1), clamped as the
+    /// reference.
     fn gumbel_noise(&self, logits: &Tensor) -> Result<Tensor> {
         let n = logits.elem_count();
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -247,9 +246,9 @@ impl AdaptiveSlots {
         Tensor::from_vec(noise, logits.shape(), logits.device())
     }
 
-    pub fn forward(&self, tokens: &Tensor, train: bool, mode: KeepMode) -> Result<SlotOutput> {
-        let slots = self.slot_attn.forward(tokens)?;
-        let logits = self.pred_keep_slot.forward(&slots)?;
+    /// (keep logits (B,S,2), keep mask (B,S)).
+    pub fn forward(&self, slots: &Tensor, train: bool, mode: KeepMode) -> Result<(Tensor, Tensor)> {
+        let logits = self.pred_keep_slot.forward(slots)?;
         let scaled = (&logits / self.temperature)?;
         let decided = if train || mode == KeepMode::Sample {
             (scaled.detach() + self.gumbel_noise(&scaled)?)?
@@ -267,23 +266,15 @@ impl AdaptiveSlots {
             .narrow(D::Minus1, 1, 1)?
             .squeeze(D::Minus1)?;
         let keep = ((hard + &soft)? - soft.detach())?;
-        Ok(SlotOutput {
-            slots,
-            keep_logits: Some(logits),
-            keep_mask: Some(keep),
-        })
-    }
-
-    /// Reseeds the Gumbel noise generator (reproducible sampling).
-    pub fn seed(&self, seed: u64) {
-        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(seed);
+        Ok((logits, keep))
     }
 }
 
-/// The slot module of a model: plain or adaptive, under the reference key layout.
-pub enum SlotModule {
-    Plain(MultiHeadSlotAttention),
-    Adaptive(AdaptiveSlots),
+/// The slot module of a model under the reference key layout: the slot attention, at
+/// `slot_attn.*` with the keep-slot predictor beside it for adaptive models.
+pub struct SlotModule {
+    pub slot_attn: MultiHeadSlotAttention,
+    pub keep: Option<KeepSlotPredictor>,
 }
 
 impl SlotModule {
@@ -296,23 +287,43 @@ impl SlotModule {
         adaptive: bool,
     ) -> Result<Self> {
         if adaptive {
-            let attn = MultiHeadSlotAttention::new(vb.pp("slot_attn"), num_slots, input_dim, dim)?;
-            Ok(Self::Adaptive(AdaptiveSlots::new(vb, attn)?))
+            Ok(Self {
+                slot_attn: MultiHeadSlotAttention::new(
+                    vb.pp("slot_attn"),
+                    num_slots,
+                    input_dim,
+                    dim,
+                )?,
+                keep: Some(KeepSlotPredictor::new(vb, dim)?),
+            })
         } else {
-            Ok(Self::Plain(MultiHeadSlotAttention::new(
-                vb, num_slots, input_dim, dim,
-            )?))
+            Ok(Self {
+                slot_attn: MultiHeadSlotAttention::new(vb, num_slots, input_dim, dim)?,
+                keep: None,
+            })
         }
     }
 
     pub fn forward(&self, tokens: &Tensor, train: bool, mode: KeepMode) -> Result<SlotOutput> {
-        match self {
-            Self::Plain(m) => Ok(SlotOutput {
-                slots: m.forward(tokens)?,
-                keep_logits: None,
-                keep_mask: None,
-            }),
-            Self::Adaptive(a) => a.forward(tokens, train, mode),
+        let slots = self.slot_attn.forward(tokens)?;
+        let (keep_logits, keep_mask) = match &self.keep {
+            Some(k) => {
+                let (l, m) = k.forward(&slots, train, mode)?;
+                (Some(l), Some(m))
+            }
+            None => (None, None),
+        };
+        Ok(SlotOutput {
+            slots,
+            keep_logits,
+            keep_mask,
+        })
+    }
+
+    /// Reseeds the Gumbel noise of adaptive models (reproducible sampling).
+    pub fn seed(&self, seed: u64) {
+        if let Some(k) = &self.keep {
+            *k.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(seed);
         }
     }
 }

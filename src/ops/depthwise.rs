@@ -4,18 +4,22 @@
 //! Candle runs a grouped convolution as one convolution per group (chunk, convolve, concatenate),
 //! which costs tens of milliseconds for a single EfficientNet layer; here each (batch, channel)
 //! plane is one independent task for rayon, and the inner loops run along contiguous rows so
-//! that they vectorize. Padding is symmetric (TF-style asymmetric SAME padding is applied by
-//! `layers::Conv2d` before calling this). Only the CPU kernel exists; on other devices
-//! [`depthwise_conv2d`] falls back to candle's grouped convolution.
-
-use std::ops::{Add, AddAssign, Mul};
+//! that they vectorize. Zero padding may differ per side (TF-style SAME padding is asymmetric on
+//! stride 2), which spares the padded copy of the input. Only the CPU kernel exists; on other
+//! devices [`depthwise_conv2d`] falls back to candle's grouped convolution.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Depthwise convolution of `x` (B,C,H,W) with `w` (C,1,kh,kw), zero padding `padding` on
-/// every side, equal stride on both axes. Differentiable with respect to both arguments.
-pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+use super::Elem;
+
+/// Zero padding of each side of the image: (top, bottom, left, right).
+pub type Pads = [usize; 4];
+
+/// Depthwise convolution of `x` (B,C,H,W) with `w` (C,1,kh,kw), zero padding `pads`
+/// (top, bottom, left, right), equal stride on both axes. Differentiable with respect to both
+/// arguments.
+pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, pads: Pads, stride: usize) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     let (wc, one, _, _) = w.dims4()?;
     if wc != c || one != 1 {
@@ -25,12 +29,18 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -
             x.dims()
         )));
     }
+    Geometry::new(x.shape(), w.shape(), pads, stride)?;
     if !is_supported(x, w) {
-        return x.conv2d(w, padding, stride, 1, c);
+        let [t, b, l, r] = pads;
+        if t == b && l == r && t == l {
+            return x.conv2d(w, t, stride, 1, c);
+        }
+        let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+        return x.conv2d(w, 0, stride, 1, c);
     }
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    x.apply_op2(&w, DepthwiseForward { padding, stride })
+    x.apply_op2(&w, DepthwiseForward { pads, stride })
 }
 
 /// Whether the fast kernel handles these arguments (CPU, float32 or float64).
@@ -51,19 +61,22 @@ struct Geometry {
     kh: usize,
     kw: usize,
     stride: usize,
-    pad: usize,
+    top: usize,
+    left: usize,
     oh: usize,
     ow: usize,
 }
 
 impl Geometry {
-    fn new(x: &Shape, k: &Shape, padding: usize, stride: usize) -> Result<Self> {
+    fn new(x: &Shape, k: &Shape, pads: Pads, stride: usize) -> Result<Self> {
         let (b, c, h, w) = x.dims4()?;
         let (_, _, kh, kw) = k.dims4()?;
-        if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        let [top, bottom, left, right] = pads;
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        if stride == 0 || ph < kh || pw < kw {
             return Err(Error::Msg(format!(
-                "depthwise conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} (padding \
-                 {padding}) or zero stride"
+                "depthwise conv2d: kernel {kh}x{kw} larger than the padded input {ph}x{pw}, or \
+                 zero stride"
             )));
         }
         Ok(Self {
@@ -74,58 +87,34 @@ impl Geometry {
             kh,
             kw,
             stride,
-            pad: padding,
-            oh: (h + 2 * padding - kh) / stride + 1,
-            ow: (w + 2 * padding - kw) / stride + 1,
+            top,
+            left,
+            oh: (ph - kh) / stride + 1,
+            ow: (pw - kw) / stride + 1,
         })
     }
 
     /// Input row read by output row `o` through kernel row `k`, if inside the image.
     fn in_row(&self, o: usize, k: usize) -> Option<usize> {
         (o * self.stride + k)
-            .checked_sub(self.pad)
+            .checked_sub(self.top)
             .filter(|&i| i < self.h)
     }
 
     /// For kernel column `k`: the output columns `lo..hi` whose input column
-    /// `ox*stride + k - pad` lies inside the image, and the input column of `lo`; `None` if none.
+    /// `ox*stride + k - left` lies inside the image, and the input column of `lo`; `None` if
+    /// none.
     fn valid_cols(&self, k: usize) -> Option<(usize, usize, usize)> {
-        if self.w + self.pad <= k {
+        if self.w + self.left <= k {
             return None;
         }
-        let lo = self.pad.saturating_sub(k).div_ceil(self.stride);
-        let hi = ((self.w - 1 + self.pad - k) / self.stride + 1).min(self.ow);
-        (lo < hi).then(|| (lo, hi, lo * self.stride + k - self.pad))
+        let lo = self.left.saturating_sub(k).div_ceil(self.stride);
+        let hi = ((self.w - 1 + self.left - k) / self.stride + 1).min(self.ow);
+        (lo < hi).then(|| (lo, hi, lo * self.stride + k - self.left))
     }
 
     fn all_valid_cols(&self) -> Vec<Option<(usize, usize, usize)>> {
         (0..self.kw).map(|k| self.valid_cols(k)).collect()
-    }
-}
-
-/// Element types of the kernels.
-trait Elem:
-    Copy + Send + Sync + Default + Add<Output = Self> + Mul<Output = Self> + AddAssign + 'static
-{
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Elem for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Elem for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
     }
 }
 
@@ -161,7 +150,7 @@ macro_rules! dispatch {
 
 /// y = x ⊛ w.
 struct DepthwiseForward {
-    padding: usize,
+    pads: Pads,
     stride: usize,
 }
 
@@ -177,7 +166,7 @@ impl CustomOp2 for DepthwiseForward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(l1.shape(), l2.shape(), self.padding, self.stride)?;
+        let g = Geometry::new(l1.shape(), l2.shape(), self.pads, self.stride)?;
         let out = dispatch!(s1, l1, s2, l2, |x, w| forward(x, w, &g));
         Ok((out, Shape::from((g.b, g.c, g.oh, g.ow))))
     }
@@ -189,38 +178,30 @@ impl CustomOp2 for DepthwiseForward {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = Geometry::new(x.shape(), w.shape(), self.pads, self.stride)?;
         let grad_y = grad_y.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        let grad_x = grad_y.apply_op2_no_bwd(
-            w,
-            &DepthwiseGradInput {
-                padding: self.padding,
-                stride: self.stride,
-                h,
-                w: wd,
-            },
-        )?;
-        let grad_w = x.apply_op2_no_bwd(
-            &grad_y,
-            &DepthwiseGradWeight {
-                padding: self.padding,
-                stride: self.stride,
-                kh,
-                kw,
-            },
-        )?;
+        let grad_x = grad_y.apply_op2_no_bwd(w, &DepthwiseGradInput(g))?;
+        let grad_w = x.apply_op2_no_bwd(&grad_y, &DepthwiseGradWeight(g))?;
         Ok((Some(grad_x), Some(grad_w)))
     }
 }
 
-/// ∂L/∂x from (∂L/∂y, w).
-struct DepthwiseGradInput {
-    padding: usize,
-    stride: usize,
-    h: usize,
-    w: usize,
+fn check_grad_shape(g: &Geometry, grad_y: &Shape) -> Result<()> {
+    if grad_y.dims4()? != (g.b, g.c, g.oh, g.ow) {
+        return Err(Error::Msg(format!(
+            "depthwise conv2d backward: gradient {:?} does not match the output ({}, {}, {}, {})",
+            grad_y.dims(),
+            g.b,
+            g.c,
+            g.oh,
+            g.ow
+        )));
+    }
+    Ok(())
 }
+
+/// ∂L/∂x from (∂L/∂y, w).
+struct DepthwiseGradInput(Geometry);
 
 impl CustomOp2 for DepthwiseGradInput {
     fn name(&self) -> &'static str {
@@ -234,31 +215,15 @@ impl CustomOp2 for DepthwiseGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, oh, ow) = l1.shape().dims4()?;
-        let g = Geometry::new(
-            &Shape::from((b, c, self.h, self.w)),
-            l2.shape(),
-            self.padding,
-            self.stride,
-        )?;
-        if (g.oh, g.ow) != (oh, ow) {
-            return Err(Error::Msg(format!(
-                "depthwise conv2d backward: gradient {oh}x{ow} does not match output {}x{}",
-                g.oh, g.ow
-            )));
-        }
-        let out = dispatch!(s1, l1, s2, l2, |gy, w| grad_input(gy, w, &g));
-        Ok((out, Shape::from((b, c, self.h, self.w))))
+        let g = &self.0;
+        check_grad_shape(g, l1.shape())?;
+        let out = dispatch!(s1, l1, s2, l2, |gy, w| grad_input(gy, w, g));
+        Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
 
 /// ∂L/∂w from (x, ∂L/∂y).
-struct DepthwiseGradWeight {
-    padding: usize,
-    stride: usize,
-    kh: usize,
-    kw: usize,
-}
+struct DepthwiseGradWeight(Geometry);
 
 impl CustomOp2 for DepthwiseGradWeight {
     fn name(&self) -> &'static str {
@@ -272,20 +237,9 @@ impl CustomOp2 for DepthwiseGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c = l1.shape().dims4()?.1;
-        let g = Geometry::new(
-            l1.shape(),
-            &Shape::from((c, 1, self.kh, self.kw)),
-            self.padding,
-            self.stride,
-        )?;
-        if l2.shape().dims4()? != (g.b, g.c, g.oh, g.ow) {
-            return Err(Error::Msg(format!(
-                "depthwise conv2d backward: gradient {:?} does not match output",
-                l2.shape().dims()
-            )));
-        }
-        let out = dispatch!(s1, l1, s2, l2, |x, gy| grad_weight(x, gy, &g));
+        let g = &self.0;
+        check_grad_shape(g, l2.shape())?;
+        let out = dispatch!(s1, l1, s2, l2, |x, gy| grad_weight(x, gy, g));
         Ok((out, Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }

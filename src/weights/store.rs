@@ -58,10 +58,12 @@ pub struct ParamStore(Arc<Inner>);
 /// Parameter-name prefixes that are never trained (SPEC section 3: the ViT alone).
 pub const DEFAULT_FROZEN_PREFIXES: &[&str] = &["visual_encoder."];
 
+/// Non-trained state: BatchNorm statistics and EfficientViT's attention-bias index table.
 fn is_buffer(name: &str) -> bool {
     name.ends_with("running_mean")
         || name.ends_with("running_var")
         || name.ends_with("num_batches_tracked")
+        || name.ends_with("attention_bias_idxs")
 }
 
 impl ParamStore {
