@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod index;
 pub mod llm;

@@ -7,5 +7,7 @@ pub mod slot4acir;
 pub mod slots;
 pub mod vit;
 
-pub use slot4acir::{LightInput, LossWeights, Losses, Slot4ACir, TrainBatch, VitInput};
+pub use slot4acir::{
+    LightInput, LossReps, LossWeights, Losses, Slot4ACir, TeacherReps, TrainBatch, VitInput,
+};
 pub use slots::{KeepMode, SlotOutput};

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod gradcache;
+pub mod objective;
 pub mod optim;
 pub mod trainer;
