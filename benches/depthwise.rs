@@ -52,10 +52,7 @@ fn main() -> candle_core::Result<()> {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1., (c, 1, k, k), &dev)?)?;
         let mut fwd = [0f64; 2];
         let mut bwd = [0f64; 2];
-        for (i, conv) in [old as Conv, new as Conv]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, conv) in [old as Conv, new as Conv].into_iter().enumerate() {
             fwd[i] = time_ms(|| {
                 conv(&x.as_tensor().detach(), &w.as_tensor().detach(), p, s).unwrap();
             });

@@ -7,10 +7,12 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod index;
 pub mod llm;
 pub mod model;
 pub mod ops;
 pub mod serve;
+pub mod text;
 pub mod train;
 pub mod weights;

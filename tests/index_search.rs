@@ -30,9 +30,10 @@ fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
 #[test]
 fn search_equals_naive_for_both_dtypes_kernels_and_batch_sizes() {
     let mut rng = StdRng::seed_from_u64(7);
-    // (images, vectors per image, dim): 32 and 256 take the SIMD path, 24 the scalar one;
+    // (images, vectors per image, dim): multiples of 8 take the SIMD path (24: its tail loop),
+    // 20 the scalar one; 3 and 5 rows per image exercise the row-block tail;
     // 1100 images span three work chunks.
-    for &(n, v, d) in &[(1100, 4, 32), (300, 32, 256), (200, 3, 24)] {
+    for &(n, v, d) in &[(1100, 4, 32), (300, 32, 256), (200, 3, 24), (150, 5, 20)] {
         let g32 = random(n * v * d, &mut rng);
         let g16: Vec<f16> = g32.iter().map(|x| f16::from_f32(*x)).collect();
         let g16_as_f32: Vec<f32> = g16.iter().map(|x| x.to_f32()).collect();

@@ -182,31 +182,78 @@ fn check_losses(fx: &Fixture, losses: &slot4acir::model::Losses, prefix: &str) {
     }
 }
 
-/// Eval-mode losses and the gradients of `loss_total` (all but the light encoder's).
-fn losses_and_grads(name: &'static str) {
+/// Compares every `{prefix}grad.*` of the fixture (but the light encoder's unless
+/// `with_light`) with the autograd gradients of `loss_total`.
+fn check_grads(
+    fx: &Fixture,
+    store: &ParamStore,
+    losses: &slot4acir::model::Losses,
+    prefix: &str,
+    with_light: bool,
+) {
+    let grads = losses.total.backward().unwrap();
+    let vars: HashMap<String, _> = store.trainable_vars().into_iter().collect();
+    let grad_prefix = format!("{prefix}grad.");
+    let mut checked = 0;
+    let mut keys: Vec<&String> = fx.expected.keys().collect();
+    keys.sort();
+    for key in keys.into_iter().filter(|k| k.starts_with(&grad_prefix)) {
+        let param = &key[grad_prefix.len()..];
+        if !with_light && param.starts_with("light_visual_encoder.") {
+            continue;
+        }
+        let var = vars
+            .get(param)
+            .unwrap_or_else(|| panic!("{}: {param} is not a trainable parameter", fx.name));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{}: no gradient for {param}", fx.name));
+        assert_close(&format!("{} {key}", fx.name), g, fx.exp(key), GRAD_TOL);
+        checked += 1;
+    }
+    assert!(
+        checked >= 10,
+        "{}: only {checked} gradients checked",
+        fx.name
+    );
+}
+
+/// Eval-mode losses and gradients from the fixture's feature maps (no light backbone needed).
+fn losses_and_grads_from_tokens(name: &'static str) {
     let fx = fixture(name);
     let (model, store) = build(&fx, Mode::Training);
     let batch = eval_batch(&fx, &model);
     let losses = model.losses(&batch, &LossWeights::cirr(), false).unwrap();
     check_losses(&fx, &losses, "");
-    let grads = losses.total.backward().unwrap();
-    let vars: HashMap<String, _> = store.trainable_vars().into_iter().collect();
-    let mut checked = 0;
-    for key in fx.expected.keys().filter(|k| k.starts_with("grad.")) {
-        let param = &key["grad.".len()..];
-        if param.starts_with("light_visual_encoder.") {
-            continue; // needs the light backbone: checked by the full-model test
-        }
-        let var = vars
-            .get(param)
-            .unwrap_or_else(|| panic!("{name}: {param} is not a trainable parameter"));
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-        assert_close(&format!("{name} {key}"), g, fx.exp(key), GRAD_TOL);
-        checked += 1;
+    check_grads(&fx, &store, &losses, "", false);
+}
+
+/// The whole model from pixels, light backbone included: `target_light_tokens`, then the
+/// losses and every gradient in eval mode (`train` false) or training mode (BatchNorm batch
+/// statistics; the fixture switches dropout off; the ViT stays frozen).
+fn full_model(name: &'static str, train: bool) {
+    let fx = fixture(name);
+    let store = ParamStore::new(fx.weights.clone(), fx.name, Mode::Training, false);
+    let mut model = Slot4ACir::new(&fx.cfg, store.var_builder(&Device::Cpu)).unwrap();
+    store.finish().unwrap();
+    model.qformer.dropout = 0.0;
+    let prefix = if train { "train." } else { "" };
+    if !train {
+        let tokens = model.light_tokens(fx.inp("target_images"), false).unwrap();
+        assert_close(
+            &format!("{name} target_light_tokens"),
+            &tokens,
+            fx.exp("target_light_tokens"),
+            FEAT_TOL,
+        );
     }
-    assert!(checked >= 10, "{name}: only {checked} gradients checked");
+    let batch = TrainBatch {
+        reference: LightInput::Pixels(fx.inp("reference_images").clone()),
+        ..eval_batch(&fx, &model)
+    };
+    let losses = model.losses(&batch, &LossWeights::cirr(), train).unwrap();
+    check_losses(&fx, &losses, prefix);
+    check_grads(&fx, &store, &losses, prefix, true);
 }
 
 #[test]
@@ -235,13 +282,18 @@ fn query_side_evitm2() {
 }
 
 #[test]
-fn losses_and_grads_b0() {
-    losses_and_grads("parity-b0");
+fn full_model_b0_eval() {
+    full_model("parity-b0", false);
+}
+
+#[test]
+fn full_model_b0_train() {
+    full_model("parity-b0", true);
 }
 
 #[test]
 fn losses_and_grads_evitm2() {
-    losses_and_grads("parity-evitm2");
+    losses_and_grads_from_tokens("parity-evitm2");
 }
 
 /// The fixtures have no adaptive model: build one from parity-b0 (its slot module under

@@ -11,9 +11,14 @@ use rayon::prelude::*;
 use super::raster::{decode, Raster};
 use super::resample::{resize_window, Window};
 
-/// CLIP normalization constants (`Normalize(mean, std)` of the reference).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// CLIP normalization constants (`Normalize(mean, std)` of the reference): Python floats
+/// (doubles) that torch rounds to float32, so they are rounded the same way here.
+pub const CLIP_MEAN: [f32; 3] = f64_to_f32([0.48145466, 0.4578275, 0.40821073]);
+pub const CLIP_STD: [f32; 3] = f64_to_f32([0.26862954, 0.26130258, 0.27577711]);
+
+const fn f64_to_f32(v: [f64; 3]) -> [f32; 3] {
+    [v[0] as f32, v[1] as f32, v[2] as f32]
+}
 
 /// The padding step before the resize.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,11 +1,11 @@
 //! Exact max-over-32 search (SPEC section 2, "Score"): for each query vector q and gallery
 //! image g, `score = max_v ⟨q, g_v⟩` over the image's V gallery vectors; the k best images.
 //!
-//! Memory-bound by design: one pass over the gallery for a whole batch of queries (each image
-//! block of V×D values is read from memory once, then stays in L1 while every query of the
-//! batch is scored against it), AVX2 + FMA dot products with F16C conversion of float16 rows
-//! (runtime-detected, scalar fallback), all cores through rayon, and a bounded heap per query
-//! and per work chunk instead of a full sort.
+//! One pass over the gallery for a whole batch of queries: each image's V×D block is read from
+//! memory once (a single query streams it, converting float16 in registers; a batch converts it
+//! once to float32 and scores it from cache in register blocks of 4 rows × 2 queries). AVX2 +
+//! FMA with F16C conversion (runtime-detected, scalar fallback), all cores through rayon, and a
+//! bounded heap per query and per work chunk instead of a full sort.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -153,8 +153,8 @@ pub fn search_with(
     if nq == 0 || k == 0 {
         return vec![Vec::new(); nq];
     }
-    // SIMD path needs whole 16-lane blocks.
-    let kernel = if dim % 16 == 0 {
+    // The SIMD path works on whole 8-lane vectors.
+    let kernel = if dim % 8 == 0 {
         kernel
     } else {
         Kernel::Scalar
@@ -201,16 +201,26 @@ fn image_scores_f16(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
+    scratch.resize(block.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2Fma {
         // SAFETY: Avx2Fma is only chosen after runtime detection of avx2, fma and f16c, and
-        // `dim` is a multiple of 16.
-        unsafe { simd::image_scores_f16(block, dim, queries, out) };
+        // `dim` is a multiple of 8.
+        unsafe {
+            if out.len() == 1 {
+                // One query: stream the rows, converting in registers.
+                simd::one_query_f16(block, dim, queries, out);
+            } else {
+                // A batch: convert the block once (it stays in L1/L2), then a register-blocked
+                // product of rows × queries.
+                simd::convert_f16(block, scratch);
+                simd::batch_f32(scratch, dim, queries, out);
+            }
+        }
         return;
     }
     let _ = kernel;
     use half::slice::HalfFloatSliceExt;
-    scratch.resize(block.len(), 0.0);
     block.convert_to_f32_slice(scratch);
     image_scores_scalar(scratch, dim, queries, out);
 }
@@ -219,7 +229,7 @@ fn image_scores_f32(kernel: Kernel, block: &[f32], dim: usize, queries: &[f32], 
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2Fma {
         // SAFETY: as above.
-        unsafe { simd::image_scores_f32(block, dim, queries, out) };
+        unsafe { simd::batch_f32(block, dim, queries, out) };
         return;
     }
     let _ = kernel;
@@ -252,59 +262,103 @@ mod simd {
         _mm_cvtss_f32(s)
     }
 
-    /// Generates the per-image kernel for one storage type: rows are converted 16 lanes at a
-    /// time and each converted pair of registers feeds two queries (four accumulators), so a
-    /// row is converted once per query pair and the block stays in L1 across pairs.
-    macro_rules! image_scores {
-        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(block: &[$t], dim: usize, queries: &[f32], out: &mut [f32]) {
-                let nq = out.len();
-                let mut qi = 0;
-                while qi < nq {
-                    let two = qi + 1 < nq;
-                    let q0 = queries.as_ptr().add(qi * dim);
-                    let q1 = if two { q0.add(dim) } else { q0 };
-                    let (mut m0, mut m1) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                    for row in block.chunks_exact(dim) {
-                        let r = row.as_ptr();
-                        let mut a0 = _mm256_setzero_ps();
-                        let mut a1 = _mm256_setzero_ps();
-                        let mut b0 = _mm256_setzero_ps();
-                        let mut b1 = _mm256_setzero_ps();
-                        let mut c = 0;
-                        while c < dim {
-                            let x0 = {
-                                let $p = r.add(c);
-                                $load
-                            };
-                            let x1 = {
-                                let $p = r.add(c + 8);
-                                $load
-                            };
-                            a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(q0.add(c)), a0);
-                            a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(q0.add(c + 8)), a1);
-                            b0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(q1.add(c)), b0);
-                            b1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(q1.add(c + 8)), b1);
-                            c += 16;
-                        }
-                        m0 = m0.max(hsum(_mm256_add_ps(a0, a1)));
-                        m1 = m1.max(hsum(_mm256_add_ps(b0, b1)));
-                    }
-                    out[qi] = m0;
-                    if two {
-                        out[qi + 1] = m1;
-                    }
-                    qi += 2;
-                }
-            }
-        };
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    image_scores!(image_scores_f16, f16, |p| _mm256_cvtph_ps(_mm_loadu_si128(
-        p as *const __m128i
-    )));
-    image_scores!(image_scores_f32, f32, |p| _mm256_loadu_ps(p));
+    /// One query against a block of float16 rows: four independent accumulators per row
+    /// (32 values per step) to hide the FMA latency.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn one_query_f16(block: &[f16], dim: usize, query: &[f32], out: &mut [f32]) {
+        let q = query.as_ptr();
+        let mut best = f32::NEG_INFINITY;
+        for row in block.chunks_exact(dim) {
+            let r = row.as_ptr();
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 32 <= dim {
+                for (j, acc) in a.iter_mut().enumerate() {
+                    let o = c + 8 * j;
+                    *acc = _mm256_fmadd_ps(load_f16(r.add(o)), _mm256_loadu_ps(q.add(o)), *acc);
+                }
+                c += 32;
+            }
+            while c < dim {
+                a[0] = _mm256_fmadd_ps(load_f16(r.add(c)), _mm256_loadu_ps(q.add(c)), a[0]);
+                c += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            best = best.max(hsum(s));
+        }
+        out[0] = best;
+    }
+
+    /// float16 → float32, 8 values per instruction (`src.len()` is a multiple of 8).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn convert_f16(src: &[f16], dst: &mut [f32]) {
+        let mut i = 0;
+        while i + 8 <= src.len() {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16(src.as_ptr().add(i)));
+            i += 8;
+        }
+    }
+
+    /// Rows × queries in register blocks of 4 rows × 2 queries (eight accumulators, six loads
+    /// per eight FMAs), then the max over rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn batch_f32(block: &[f32], dim: usize, queries: &[f32], out: &mut [f32]) {
+        let rows = block.len() / dim;
+        let nq = out.len();
+        let mut qi = 0;
+        while qi < nq {
+            let two = qi + 1 < nq;
+            let q0 = queries.as_ptr().add(qi * dim);
+            let q1 = if two { q0.add(dim) } else { q0 };
+            let (mut m0, mut m1) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            let mut r = 0;
+            while r + 4 <= rows {
+                let p = block.as_ptr().add(r * dim);
+                let mut a = [_mm256_setzero_ps(); 4];
+                let mut b = [_mm256_setzero_ps(); 4];
+                let mut c = 0;
+                while c < dim {
+                    let x0 = _mm256_loadu_ps(q0.add(c));
+                    let x1 = _mm256_loadu_ps(q1.add(c));
+                    for j in 0..4 {
+                        let row = _mm256_loadu_ps(p.add(j * dim + c));
+                        a[j] = _mm256_fmadd_ps(row, x0, a[j]);
+                        b[j] = _mm256_fmadd_ps(row, x1, b[j]);
+                    }
+                    c += 8;
+                }
+                for j in 0..4 {
+                    m0 = m0.max(hsum(a[j]));
+                    m1 = m1.max(hsum(b[j]));
+                }
+                r += 4;
+            }
+            while r < rows {
+                let p = block.as_ptr().add(r * dim);
+                let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c < dim {
+                    let row = _mm256_loadu_ps(p.add(c));
+                    a = _mm256_fmadd_ps(row, _mm256_loadu_ps(q0.add(c)), a);
+                    b = _mm256_fmadd_ps(row, _mm256_loadu_ps(q1.add(c)), b);
+                    c += 8;
+                }
+                m0 = m0.max(hsum(a));
+                m1 = m1.max(hsum(b));
+                r += 1;
+            }
+            out[qi] = m0;
+            if two {
+                out[qi + 1] = m1;
+            }
+            qi += 2;
+        }
+    }
 }
 
 #[cfg(test)]

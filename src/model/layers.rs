@@ -130,6 +130,20 @@ impl BatchNorm {
         Ok((scale, shift))
     }
 
+    /// Running statistics update from a batch's mean and biased variance over `n` values per
+    /// channel (unbiased variance in the update, as PyTorch); only for mutable buffers.
+    fn update_running_stats(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        if !self.running_mean.is_variable() {
+            return Ok(());
+        }
+        let m = self.momentum;
+        let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
+        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+        Var::from_tensor(&self.running_var)?.set(&new_var)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         let mut bshape = vec![1usize; x.rank()];
@@ -140,20 +154,27 @@ impl BatchNorm {
                 .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
                 .broadcast_add(&shift.reshape(bshape.as_slice())?);
         }
-        // (C, N) view of the batch statistics.
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let n = xt.dim(1)?;
-        let mean = xt.mean(D::Minus1)?;
-        let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
-        let var = centered.sqr()?.mean(D::Minus1)?;
-        if self.running_mean.is_variable() {
-            let m = self.momentum;
-            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
-            let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.detach() * m)?)?;
-            let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
-            Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
-            Var::from_tensor(&self.running_var)?.set(&new_var)?;
+        let n = x.elem_count() / c.max(1);
+        // The fused kernel where it runs (CPU); the composition of candle ops elsewhere.
+        if crate::ops::batchnorm::is_supported(x, &self.weight) {
+            let out =
+                crate::ops::batchnorm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            self.update_running_stats(&out.mean, &out.var, n)?;
+            return Ok(out.y);
         }
+        // Batch statistics over every dim but the channels, summed one dim at a time (short
+        // f32 accumulations: one long sum over B·H·W drifts by ~1e-5, visible in the losses).
+        let per_channel_mean = |t: &Tensor| -> Result<Tensor> {
+            let mut t = t.clone();
+            for d in (0..t.rank()).rev().filter(|&d| d != 1) {
+                t = t.sum_keepdim(d)?;
+            }
+            t.flatten_all()? / n as f64
+        };
+        let mean = per_channel_mean(x)?;
+        let centered = x.broadcast_sub(&mean.reshape(bshape.as_slice())?)?;
+        let var = per_channel_mean(&centered.sqr()?)?;
+        self.update_running_stats(&mean, &var, n)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let scale = (&self.weight * inv)?;
         let shift = (&self.bias - (mean * &scale)?)?;

@@ -8,10 +8,10 @@
 //! stride 2), which spares the padded copy of the input. Only the CPU kernel exists; on other
 //! devices [`depthwise_conv2d`] falls back to candle's grouped convolution.
 
-use std::ops::{Add, AddAssign, Mul};
-
 use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::Elem;
 
 /// Zero padding of each side of the image: (top, bottom, left, right).
 pub type Pads = [usize; 4];
@@ -115,32 +115,6 @@ impl Geometry {
 
     fn all_valid_cols(&self) -> Vec<Option<(usize, usize, usize)>> {
         (0..self.kw).map(|k| self.valid_cols(k)).collect()
-    }
-}
-
-/// Element types of the kernels.
-trait Elem:
-    Copy + Send + Sync + Default + Add<Output = Self> + Mul<Output = Self> + AddAssign + 'static
-{
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Elem for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Elem for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
     }
 }
 

@@ -1,6 +1,9 @@
 //! Kernels candle lacks or runs slowly, each with its backward pass.
 
+pub mod batchnorm;
 pub mod depthwise;
+
+use std::ops::{Add, AddAssign, Mul};
 
 use candle_core::{Result, Tensor};
 
@@ -47,4 +50,30 @@ pub fn conv2d_padded(
     }
     let x = x.pad_with_zeros(2, t, bo)?.pad_with_zeros(3, l, r)?;
     x.conv2d(w, 0, stride, 1, groups)
+}
+
+/// Element types of the kernels.
+pub(crate) trait Elem:
+    Copy + Send + Sync + Default + Add<Output = Self> + Mul<Output = Self> + AddAssign + 'static
+{
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Elem for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Elem for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
 }
