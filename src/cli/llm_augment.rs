@@ -11,6 +11,7 @@ use crate::llm::{AugmentOptions, Augmenter, ClientOptions, Dataset, PromptTempla
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Which caption files: CIRR `cap.rc2.{split}.json` or FashionIQ `cap.{type}.{split}.json`.
     #[arg(long, value_enum)]
     pub dataset: Dataset,
     /// Dataset folder: the one holding `captions/` (or the CIRR/FashionIQ base folder).
@@ -32,6 +33,7 @@ pub struct Args {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// The split to augment (training reads only `train`'s LLM file).
     #[arg(long, default_value = "train")]
     pub split: String,
     /// FashionIQ clothing types, comma-separated.
@@ -40,8 +42,10 @@ pub struct Args {
     /// Prompt template file (default: the built-in assets/llm_prompt.txt, which documents the format).
     #[arg(long)]
     pub prompt_template: Option<PathBuf>,
+    /// Sampling temperature sent with each request.
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
+    /// Answer length limit sent with each request (none by default).
     #[arg(long)]
     pub max_tokens: Option<u32>,
     /// Seconds allowed for one request, answer included.
