@@ -29,21 +29,27 @@ const LAYOUT: Layout = Layout {
 
 fn random_f16_bytes(n: usize, salt: u64) -> Vec<u8> {
     let mut v = vec![0u8; n * 2];
-    v.par_chunks_mut(1 << 17).enumerate().for_each(|(c, chunk)| {
-        let mut s = (0x9E3779B97F4A7C15u64 ^ salt) ^ (c as u64).wrapping_mul(0xBF58476D1CE4E5B9);
-        for x in chunk.chunks_exact_mut(2) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.125;
-            x.copy_from_slice(&f16::from_f32(f).to_le_bytes());
-        }
-    });
+    v.par_chunks_mut(1 << 17)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s =
+                (0x9E3779B97F4A7C15u64 ^ salt) ^ (c as u64).wrapping_mul(0xBF58476D1CE4E5B9);
+            for x in chunk.chunks_exact_mut(2) {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.125;
+                x.copy_from_slice(&f16::from_f32(f).to_le_bytes());
+            }
+        });
     v
 }
 
 fn main() -> anyhow::Result<()> {
-    let nums: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let nums: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let n = nums.first().copied().unwrap_or(100_000);
     let requests = nums.get(1).copied().unwrap_or(2000);
     let clients = nums.get(2).copied().unwrap_or(32);

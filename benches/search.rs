@@ -43,15 +43,17 @@ fn median<F: FnMut()>(reps: usize, mut f: F) -> f64 {
 /// Unit-norm-ish pseudo-random values, filled in parallel (xorshift per chunk).
 fn fill_f16(n: usize) -> Vec<f16> {
     let mut v = vec![f16::ZERO; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = 0x9E3779B97F4A7C15u64 ^ (c as u64).wrapping_mul(0xBF58476D1CE4E5B9);
-        for x in chunk {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *x = f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.125);
-        }
-    });
+    v.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = 0x9E3779B97F4A7C15u64 ^ (c as u64).wrapping_mul(0xBF58476D1CE4E5B9);
+            for x in chunk {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                *x = f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.125);
+            }
+        });
     v
 }
 
@@ -62,7 +64,9 @@ fn main() {
         .unwrap_or(100_000);
     let threads = rayon::current_num_threads();
     let kernel = Kernel::detect();
-    println!("gallery {n} images × {V} × {D} float16, k = {K}, {threads} threads, kernel {kernel:?}");
+    println!(
+        "gallery {n} images × {V} × {D} float16, k = {K}, {threads} threads, kernel {kernel:?}"
+    );
 
     // Machine bandwidth: memcpy of a 1 GiB buffer (one thread, and split over all threads),
     // and a parallel read (what a search does).
@@ -98,7 +102,9 @@ fn main() {
 
     let gallery = fill_f16(n * V * D);
     let bytes = gallery.len() * 2;
-    let queries: Vec<f32> = (0..64 * D).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) / 8.0).collect();
+    let queries: Vec<f32> = (0..64 * D)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) / 8.0)
+        .collect();
     let g = Vectors::F16(&gallery);
     // Warm-up: page in the gallery.
     std::hint::black_box(search_with(kernel, g, V, D, &queries[..D], K));
@@ -128,7 +134,11 @@ fn main() {
         let t = median(3, || {
             std::hint::black_box(search_with(Kernel::Scalar, g, V, D, &queries[..D], K));
         });
-        println!("scalar fallback, one query: {:.1} ms ({:.2} GB/s)", t * 1e3, gb(bytes, t));
+        println!(
+            "scalar fallback, one query: {:.1} ms ({:.2} GB/s)",
+            t * 1e3,
+            gb(bytes, t)
+        );
     }
     let g32: Vec<f32> = gallery.par_iter().map(|x| x.to_f32()).collect();
     drop(gallery);

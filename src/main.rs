@@ -19,6 +19,12 @@ enum Command {
     Config(slot4acir::cli::config::Args),
     /// Encode images (gallery vectors, light tokens, slots) and, with texts, composed queries.
     Encode(slot4acir::cli::encode::Args),
+    /// Encode a gallery once with the large model into an index file (resumable).
+    Index(slot4acir::cli::index::Args),
+    /// Answer one composed query (image + text) against an index with the light model.
+    Search(slot4acir::cli::search::Args),
+    /// Serve searches over HTTP, with a web page.
+    Serve(slot4acir::cli::serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +32,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
+        Command::Index(a) => slot4acir::cli::index::run(a),
+        Command::Search(a) => slot4acir::cli::search::run(a),
+        Command::Serve(a) => slot4acir::cli::serve::run(a),
     }
 }

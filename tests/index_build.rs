@@ -63,7 +63,10 @@ fn direct(enc: &ToyEncoder, dir: &Path) -> (Tensor, Tensor) {
     let imgs = list_image_dir(dir).unwrap();
     let px: Vec<Tensor> = imgs
         .iter()
-        .map(|g| enc.preprocess(&std::fs::read(dir.join(&g.path)).unwrap()).unwrap())
+        .map(|g| {
+            enc.preprocess(&std::fs::read(dir.join(&g.path)).unwrap())
+                .unwrap()
+        })
         .collect();
     enc.encode_gallery(&Tensor::stack(&px, 0).unwrap()).unwrap()
 }
@@ -113,21 +116,33 @@ fn index_search_matches_direct_scoring_within_float16_rounding() {
             .unwrap();
         let mut queries = Vec::new();
         for (r, text) in [(0usize, texts[0]), (5, texts[1]), (n - 1, texts[2])] {
-            queries.push(Query { image: QueryImage::Reference(r), text: text.into(), k: 4 });
+            queries.push(Query {
+                image: QueryImage::Reference(r),
+                text: text.into(),
+                k: 4,
+            });
         }
-        queries.push(Query { image: QueryImage::Pixels(upload.clone()), text: texts[0].into(), k: n + 3 });
+        queries.push(Query {
+            image: QueryImage::Pixels(upload.clone()),
+            text: texts[0].into(),
+            k: n + 3,
+        });
         let got = searcher.search(&queries).unwrap();
 
         for (q, found) in queries.iter().zip(&got) {
             // Direct: the model's own tokens, query vector and f32 gallery vectors.
             let (tokens, exclude) = match q.image {
                 QueryImage::Reference(r) => (t_direct.get(r).unwrap(), Some(r)),
-                QueryImage::Pixels(_) => {
-                    (enc.light_tokens(&upload.unsqueeze(0).unwrap()).unwrap().get(0).unwrap(), None)
-                }
+                QueryImage::Pixels(_) => (
+                    enc.light_tokens(&upload.unsqueeze(0).unwrap())
+                        .unwrap()
+                        .get(0)
+                        .unwrap(),
+                    None,
+                ),
             };
             let qv = enc
-                .encode_query(&tokens.unsqueeze(0).unwrap(), &[q.text.clone()])
+                .encode_query(&tokens.unsqueeze(0).unwrap(), std::slice::from_ref(&q.text))
                 .unwrap();
             let scores = g_direct
                 .broadcast_matmul(&qv.t().unwrap())
@@ -144,7 +159,12 @@ fn index_search_matches_direct_scoring_within_float16_rounding() {
             assert_eq!(found.len(), rank.len());
             for (f, want) in found.iter().zip(&rank) {
                 // Same ranking up to ties within the storage rounding, same scores.
-                assert!((f.score - scores[*want]).abs() < tol, "{dtype:?}: {} vs {}", f.score, scores[*want]);
+                assert!(
+                    (f.score - scores[*want]).abs() < tol,
+                    "{dtype:?}: {} vs {}",
+                    f.score,
+                    scores[*want]
+                );
                 assert!((scores[f.index] - scores[*want]).abs() < tol);
                 if dtype == Dtype::F32 {
                     assert_eq!(f.index, *want);
@@ -166,9 +186,16 @@ fn resumed_build_equals_one_shot_build() {
     build_index(&toy(), &images, &dir, &one_shot, &opts(Dtype::F16)).unwrap();
 
     let resumed = tmp.path().join("resumed.s4idx");
-    let flaky = Flaky { inner: toy(), calls: AtomicUsize::new(0), fail_after: 2 };
+    let flaky = Flaky {
+        inner: toy(),
+        calls: AtomicUsize::new(0),
+        fail_after: 2,
+    };
     let err = build_index(&flaky, &images, &dir, &resumed, &opts(Dtype::F16)).unwrap_err();
-    assert!(format!("{err:#}").contains("simulated interruption"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("simulated interruption"),
+        "{err:#}"
+    );
     assert!(!resumed.exists());
     assert!(partial_dir(&resumed).join("plan.json").exists());
 
@@ -176,11 +203,22 @@ fn resumed_build_equals_one_shot_build() {
     let err = build_index(&toy(), &images, &dir, &resumed, &opts(Dtype::F32)).unwrap_err();
     assert!(format!("{err:#}").contains("interrupted build"), "{err:#}");
 
-    let counting = Flaky { inner: toy(), calls: AtomicUsize::new(0), fail_after: usize::MAX };
+    let counting = Flaky {
+        inner: toy(),
+        calls: AtomicUsize::new(0),
+        fail_after: usize::MAX,
+    };
     let report = build_index(&counting, &images, &dir, &resumed, &opts(Dtype::F16)).unwrap();
     assert_eq!((report.total, report.resumed, report.encoded), (13, 8, 5));
-    assert_eq!(counting.calls.load(Ordering::SeqCst), 2, "only the two missing batches");
-    assert_eq!(std::fs::read(&one_shot).unwrap(), std::fs::read(&resumed).unwrap());
+    assert_eq!(
+        counting.calls.load(Ordering::SeqCst),
+        2,
+        "only the two missing batches"
+    );
+    assert_eq!(
+        std::fs::read(&one_shot).unwrap(),
+        std::fs::read(&resumed).unwrap()
+    );
     assert!(!partial_dir(&resumed).exists());
 }
 
@@ -190,20 +228,41 @@ fn mismatched_models_and_damaged_files_are_refused() {
     let dir = gallery::write_gallery(tmp.path(), 3);
     let images = list_image_dir(&dir).unwrap();
     let out = tmp.path().join("g.s4idx");
-    build_index(&ToyEncoder::new(1, 8, gallery::LAYOUT).unwrap(), &images, &dir, &out, &opts(Dtype::F16))
-        .unwrap();
+    build_index(
+        &ToyEncoder::new(1, 8, gallery::LAYOUT).unwrap(),
+        &images,
+        &dir,
+        &out,
+        &opts(Dtype::F16),
+    )
+    .unwrap();
 
     let other = Arc::new(ToyEncoder::new(2, 8, gallery::LAYOUT).unwrap());
-    let err = Searcher::new(Index::open(&out).unwrap(), other).err().unwrap();
-    assert!(format!("{err:#}").contains("different model configuration"), "{err:#}");
+    let err = Searcher::new(Index::open(&out).unwrap(), other)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("different model configuration"),
+        "{err:#}"
+    );
 
     // Same configuration, other weights: the fingerprint catches it.
     let index = Index::open(&out).unwrap();
     let same_cfg = ToyEncoder::new(1, 8, gallery::LAYOUT).unwrap();
-    assert!(index.check_model(&same_cfg.model_config(), "0123", same_cfg.layout()).is_err());
-    let err = index.check_model(&same_cfg.model_config(), "0123", same_cfg.layout()).unwrap_err();
+    assert!(index
+        .check_model(&same_cfg.model_config(), "0123", same_cfg.layout())
+        .is_err());
+    let err = index
+        .check_model(&same_cfg.model_config(), "0123", same_cfg.layout())
+        .unwrap_err();
     assert!(err.to_string().contains("fingerprint"), "{err}");
-    assert!(index.check_model(&same_cfg.model_config(), &same_cfg.fingerprint(), same_cfg.layout()).is_ok());
+    assert!(index
+        .check_model(
+            &same_cfg.model_config(),
+            &same_cfg.fingerprint(),
+            same_cfg.layout()
+        )
+        .is_ok());
 
     let bytes = std::fs::read(&out).unwrap();
     let bad = tmp.path().join("bad.s4idx");

@@ -13,7 +13,12 @@ fn naive(gallery: &[f32], v: usize, d: usize, q: &[f32], k: usize) -> Vec<(usize
         .map(|(i, img)| {
             let s = img
                 .chunks_exact(d)
-                .map(|row| row.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
+                .map(|row| {
+                    row.iter()
+                        .zip(q)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                })
                 .fold(f64::NEG_INFINITY, f64::max);
             (i, s)
         })
@@ -41,9 +46,10 @@ fn search_equals_naive_for_both_dtypes_kernels_and_batch_sizes() {
             let q = random(nq * d, &mut rng);
             for &k in &[1, 10, n + 5] {
                 for kernel in [Kernel::detect(), Kernel::Scalar] {
-                    for (gallery, exact) in
-                        [(Vectors::F32(&g32), &g32), (Vectors::F16(&g16), &g16_as_f32)]
-                    {
+                    for (gallery, exact) in [
+                        (Vectors::F32(&g32), &g32),
+                        (Vectors::F16(&g16), &g16_as_f32),
+                    ] {
                         let got = search_with(kernel, gallery, v, d, &q, k);
                         assert_eq!(got.len(), nq);
                         for (qi, hits) in got.iter().enumerate() {

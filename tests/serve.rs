@@ -27,7 +27,11 @@ fn start() -> Fixture {
     let images = list_image_dir(&dir).unwrap();
     let enc = Arc::new(ToyEncoder::new(9, 12, gallery::LAYOUT).unwrap());
     let out = tmp.path().join("g.s4idx");
-    let opts = BuildOptions { dtype: Dtype::F16, batch_size: 5, progress: false };
+    let opts = BuildOptions {
+        dtype: Dtype::F16,
+        batch_size: 5,
+        progress: false,
+    };
     build_index(enc.as_ref(), &images, &dir, &out, &opts).unwrap();
     let limits = Limits {
         max_upload_bytes: 20_000,
@@ -37,7 +41,11 @@ fn start() -> Fixture {
         default_k: 5,
         max_gallery_page: 10,
     };
-    let batch = BatchOptions { max_batch: 16, max_wait: Duration::from_millis(20), queue: 64 };
+    let batch = BatchOptions {
+        max_batch: 16,
+        max_wait: Duration::from_millis(20),
+        queue: 64,
+    };
     let searcher = Searcher::new(Index::open(&out).unwrap(), enc.clone()).unwrap();
     let app = App::new(searcher, None, limits, &batch).unwrap();
     let server = Server::start(app, "127.0.0.1:0").unwrap();
@@ -53,7 +61,11 @@ fn start() -> Fixture {
 
 fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x as u8).wrapping_mul(seed), (y as u8).wrapping_add(seed), seed])
+        image::Rgb([
+            (x as u8).wrapping_mul(seed),
+            (y as u8).wrapping_add(seed),
+            seed,
+        ])
     });
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(img)
@@ -66,9 +78,14 @@ fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
 fn assert_error(resp: (u16, String, String), status: u16, needle: &str) {
     let (got, ctype, body) = resp;
     assert_eq!(got, status, "body: {body}");
-    assert!(ctype.starts_with("application/json"), "content-type {ctype} for {body}");
+    assert!(
+        ctype.starts_with("application/json"),
+        "content-type {ctype} for {body}"
+    );
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error field in {body}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field in {body}"));
     assert!(msg.contains(needle), "'{msg}' does not mention '{needle}'");
 }
 
@@ -78,7 +95,12 @@ fn results(body: &str) -> Vec<(String, f32)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["name"].as_str().unwrap().to_string(), r["score"].as_f64().unwrap() as f32))
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["score"].as_f64().unwrap() as f32,
+            )
+        })
         .collect()
 }
 
@@ -90,7 +112,10 @@ fn every_endpoint_answers_a_real_http_client() {
     let (s, _, body) = c.get("/healthz");
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((v["status"].as_str(), v["images"].as_u64()), (Some("ok"), Some(12)));
+    assert_eq!(
+        (v["status"].as_str(), v["images"].as_u64()),
+        (Some("ok"), Some(12))
+    );
 
     let (s, ctype, body) = c.get("/");
     assert_eq!(s, 200);
@@ -103,10 +128,17 @@ fn every_endpoint_answers_a_real_http_client() {
     assert_eq!(v["names"], serde_json::json!(f.names[2..5]));
 
     // Gallery files by name, including one in a subfolder.
-    for name in [&f.names[0], f.names.iter().find(|n| n.starts_with("sub/")).unwrap()] {
+    for name in [
+        &f.names[0],
+        f.names.iter().find(|n| n.starts_with("sub/")).unwrap(),
+    ] {
         let (s, ctype, bytes) = c.get_bytes(&format!("/images/{name}"));
         assert_eq!(s, 200, "{name}");
-        let file = list_image_dir(&f.dir).unwrap().into_iter().find(|g| &g.name == name).unwrap();
+        let file = list_image_dir(&f.dir)
+            .unwrap()
+            .into_iter()
+            .find(|g| &g.name == name)
+            .unwrap();
         assert_eq!(bytes, std::fs::read(f.dir.join(file.path)).unwrap());
         assert!(ctype.starts_with("image/"));
     }
@@ -123,7 +155,11 @@ fn every_endpoint_answers_a_real_http_client() {
     let got = results(&out);
     let want = f
         .searcher
-        .search(&[Query { image: QueryImage::Reference(4), text: "make it brighter".into(), k: 4 }])
+        .search(&[Query {
+            image: QueryImage::Reference(4),
+            text: "make it brighter".into(),
+            k: 4,
+        }])
         .unwrap()
         .remove(0);
     assert_eq!(got.len(), 4);
@@ -136,14 +172,21 @@ fn every_endpoint_answers_a_real_http_client() {
 
     // Search by upload, default k.
     let upload = png(30, 20, 3);
-    let (ct, body) = multipart(&[("image", Part::File("q.png", &upload)), ("text", Part::Text("red"))]);
+    let (ct, body) = multipart(&[
+        ("image", Part::File("q.png", &upload)),
+        ("text", Part::Text("red")),
+    ]);
     let (s, _, out) = c.post("/search", &ct, &body);
     assert_eq!(s, 200, "{out}");
     let got = results(&out);
     let pixels = f.searcher.encoder().preprocess(&upload).unwrap();
     let want = f
         .searcher
-        .search(&[Query { image: QueryImage::Pixels(pixels), text: "red".into(), k: 5 }])
+        .search(&[Query {
+            image: QueryImage::Pixels(pixels),
+            text: "red".into(),
+            k: 5,
+        }])
         .unwrap()
         .remove(0);
     assert_eq!(
@@ -163,34 +206,140 @@ fn every_client_error_is_a_json_4xx_and_the_server_survives() {
     };
     use Part::{File, Text};
     assert_error(post(&[("reference", Text(r))]), 400, "missing field 'text'");
-    assert_error(post(&[("text", Text("x"))]), 400, "missing field 'image' or 'reference'");
     assert_error(
-        post(&[("reference", Text(r)), ("image", File("a.png", &png(8, 8, 1))), ("text", Text("x"))]),
+        post(&[("text", Text("x"))]),
+        400,
+        "missing field 'image' or 'reference'",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("image", File("a.png", &png(8, 8, 1))),
+            ("text", Text("x")),
+        ]),
         400,
         "not both",
     );
-    assert_error(post(&[("reference", Text("nope")), ("text", Text("x"))]), 404, "no gallery image");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("k", Text("0"))]), 400, "between 1 and 8");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("k", Text("9"))]), 400, "between 1 and 8");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("k", Text("-1"))]), 400, "whole number");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("k", Text("1e99"))]), 400, "whole number");
+    assert_error(
+        post(&[("reference", Text("nope")), ("text", Text("x"))]),
+        404,
+        "no gallery image",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("k", Text("0")),
+        ]),
+        400,
+        "between 1 and 8",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("k", Text("9")),
+        ]),
+        400,
+        "between 1 and 8",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("k", Text("-1")),
+        ]),
+        400,
+        "whole number",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("k", Text("1e99")),
+        ]),
+        400,
+        "whole number",
+    );
     let long = "word ".repeat(9);
-    assert_error(post(&[("reference", Text(r)), ("text", Text(&long))]), 400, "longer than 40");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("colour", Text("red"))]), 400, "unknown field");
-    assert_error(post(&[("reference", Text(r)), ("text", Text("x")), ("text", Text("y"))]), 400, "given twice");
+    assert_error(
+        post(&[("reference", Text(r)), ("text", Text(&long))]),
+        400,
+        "longer than 40",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("colour", Text("red")),
+        ]),
+        400,
+        "unknown field",
+    );
+    assert_error(
+        post(&[
+            ("reference", Text(r)),
+            ("text", Text("x")),
+            ("text", Text("y")),
+        ]),
+        400,
+        "given twice",
+    );
     let big = vec![7u8; 30_000];
-    assert_error(post(&[("image", File("big.png", &big)), ("text", Text("x"))]), 413, "too large");
+    assert_error(
+        post(&[("image", File("big.png", &big)), ("text", Text("x"))]),
+        413,
+        "too large",
+    );
     let huge = "x".repeat(40_000);
-    assert_error(post(&[("reference", Text(r)), ("text", Text(&huge))]), 413, "too large");
-    assert_error(post(&[("image", File("wide.png", &png(65, 10, 2))), ("text", Text("x"))]), 400, "65×10");
-    assert_error(post(&[("image", File("e.png", b"")), ("text", Text("x"))]), 400, "empty");
-    assert_error(post(&[("image", File("t.txt", b"hello, not an image")), ("text", Text("x"))]), 415, "unsupported");
+    assert_error(
+        post(&[("reference", Text(r)), ("text", Text(&huge))]),
+        413,
+        "too large",
+    );
+    assert_error(
+        post(&[
+            ("image", File("wide.png", &png(65, 10, 2))),
+            ("text", Text("x")),
+        ]),
+        400,
+        "65×10",
+    );
+    assert_error(
+        post(&[("image", File("e.png", b"")), ("text", Text("x"))]),
+        400,
+        "empty",
+    );
+    assert_error(
+        post(&[
+            ("image", File("t.txt", b"hello, not an image")),
+            ("text", Text("x")),
+        ]),
+        415,
+        "unsupported",
+    );
     let mut cut = png(20, 20, 5);
     cut.truncate(60);
-    assert_error(post(&[("image", File("cut.png", &cut)), ("text", Text("x"))]), 400, "image");
+    assert_error(
+        post(&[("image", File("cut.png", &cut)), ("text", Text("x"))]),
+        400,
+        "image",
+    );
     // Not multipart at all, or broken multipart.
-    assert_error(c.post("/search", "application/json", b"{\"text\": \"x\"}"), 400, "");
-    assert_error(c.post("/search", "multipart/form-data; boundary=zz", b"--zz\r\ngarbage"), 400, "");
+    assert_error(
+        c.post("/search", "application/json", b"{\"text\": \"x\"}"),
+        400,
+        "",
+    );
+    assert_error(
+        c.post(
+            "/search",
+            "multipart/form-data; boundary=zz",
+            b"--zz\r\ngarbage",
+        ),
+        400,
+        "",
+    );
     assert_error(c.get("/search"), 405, "method");
     assert_error(c.get("/nowhere"), 404, "no such endpoint");
     assert_error(c.get("/gallery?limit=11"), 400, "at most 10");
@@ -205,7 +354,10 @@ fn every_client_error_is_a_json_4xx_and_the_server_survives() {
         "/images//etc/passwd",
     ] {
         let raw = raw_get(f.server.addr, path);
-        assert!(raw.starts_with("HTTP/1.1 404") || raw.starts_with("HTTP/1.1 400"), "{path}: {raw}");
+        assert!(
+            raw.starts_with("HTTP/1.1 404") || raw.starts_with("HTTP/1.1 400"),
+            "{path}: {raw}"
+        );
         assert!(!raw.contains("root:"), "{path} leaked a file");
     }
     let (s, _, _) = c.get("/healthz");
@@ -241,14 +393,21 @@ fn concurrent_queries_are_batched_and_all_answered() {
     let c = http_client::Client::new(addr);
     let v: serde_json::Value = serde_json::from_str(&c.get("/healthz").2).unwrap();
     assert_eq!(v["queries"], 48);
-    assert!(v["largest_batch"].as_u64().unwrap() > 1, "no batching happened: {v}");
+    assert!(
+        v["largest_batch"].as_u64().unwrap() > 1,
+        "no batching happened: {v}"
+    );
     assert!(v["batches"].as_u64().unwrap() < 48);
 }
 
 fn raw_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out

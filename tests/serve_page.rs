@@ -15,7 +15,11 @@ use slot4acir::index::{build_index, BuildOptions, Index, Searcher, ToyEncoder};
 use slot4acir::serve::{App, BatchOptions, Limits, Server};
 
 fn chromium() -> PathBuf {
-    for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] {
+    for c in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
         if Path::new(c).exists() {
             return PathBuf::from(c);
         }
@@ -79,7 +83,11 @@ fn web_page_shows_result_thumbnails_for_a_query() {
     let images = list_image_dir(&dir).unwrap();
     let enc = Arc::new(ToyEncoder::new(4, 12, gallery::LAYOUT).unwrap());
     let out = tmp.path().join("g.s4idx");
-    let opts = BuildOptions { dtype: Dtype::F16, batch_size: 4, progress: false };
+    let opts = BuildOptions {
+        dtype: Dtype::F16,
+        batch_size: 4,
+        progress: false,
+    };
     build_index(enc.as_ref(), &images, &dir, &out, &opts).unwrap();
     let searcher = Searcher::new(Index::open(&out).unwrap(), enc).unwrap();
     let app = App::new(searcher, None, Limits::default(), &BatchOptions::default()).unwrap();
@@ -90,10 +98,17 @@ fn web_page_shows_result_thumbnails_for_a_query() {
     let query = format!("{base}?reference={reference}&text=make%20it%20red&k=4");
 
     let dom = run_chromium(&tmp.path().join("profile-dom"), &query, &["--dump-dom"]);
-    assert!(dom.contains("data-state=\"done\""), "the query did not finish:\n{dom}");
+    assert!(
+        dom.contains("data-state=\"done\""),
+        "the query did not finish:\n{dom}"
+    );
     let figures = dom.matches("<figure class=\"result\">").count();
     assert_eq!(figures, 4, "expected 4 result thumbnails:\n{dom}");
-    assert_eq!(dom.matches("<img src=\"/images/").count(), 8 + 4, "picker + results:\n{dom}");
+    assert_eq!(
+        dom.matches("<img src=\"/images/").count(),
+        8 + 4,
+        "picker + results:\n{dom}"
+    );
     assert!(dom.contains("4 results"));
 
     // The screenshot: results add thumbnails to what the page shows without a query.
@@ -114,5 +129,9 @@ fn web_page_shows_result_thumbnails_for_a_query() {
         with > without + 4 * 150 * 150 / 2,
         "result thumbnails not visible: {with} colourful pixels with the query, {without} without"
     );
-    std::fs::copy(tmp.path().join("query.png"), std::env::temp_dir().join("slot4acir-page.png")).ok();
+    std::fs::copy(
+        tmp.path().join("query.png"),
+        std::env::temp_dir().join("slot4acir-page.png"),
+    )
+    .ok();
 }

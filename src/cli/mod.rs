@@ -2,6 +2,9 @@
 
 pub mod config;
 pub mod encode;
+pub mod index;
+pub mod search;
+pub mod serve;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -95,7 +95,8 @@ pub fn build_index(
     let plan_path = dir.join("plan.json");
     if plan_path.exists() {
         let old: Plan = serde_json::from_slice(
-            &std::fs::read(&plan_path).with_context(|| format!("reading {}", plan_path.display()))?,
+            &std::fs::read(&plan_path)
+                .with_context(|| format!("reading {}", plan_path.display()))?,
         )
         .with_context(|| format!("parsing {}", plan_path.display()))?;
         if old != plan {
@@ -190,8 +191,8 @@ fn load_batch(encoder: &dyn Encoder, batch: &[GalleryImage], root: &Path) -> Res
         .par_iter()
         .map(|g| {
             let path = root.join(&g.path);
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))?;
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("reading image {}", path.display()))?;
             encoder
                 .preprocess(&bytes)
                 .with_context(|| format!("preprocessing image {}", path.display()))
@@ -255,7 +256,9 @@ pub fn list_image_dir(dir: &Path) -> Result<Vec<GalleryImage>> {
         let entries =
             std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
         for e in entries {
-            let path = e.with_context(|| format!("listing {}", dir.display()))?.path();
+            let path = e
+                .with_context(|| format!("listing {}", dir.display()))?
+                .path();
             if path.is_dir() {
                 walk(root, &path, out)?;
                 continue;
@@ -282,7 +285,11 @@ pub fn list_image_dir(dir: &Path) -> Result<Vec<GalleryImage>> {
     let mut out = Vec::new();
     walk(dir, dir, &mut out)?;
     out.sort_by(|a, b| a.path.cmp(&b.path));
-    ensure!(!out.is_empty(), "no png or jpeg images under {}", dir.display());
+    ensure!(
+        !out.is_empty(),
+        "no png or jpeg images under {}",
+        dir.display()
+    );
     Ok(out)
 }
 

@@ -93,7 +93,11 @@ impl ToyEncoder {
 }
 
 fn l2_normalize(t: &Tensor) -> candle_core::Result<Tensor> {
-    let n = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+    let n = t
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f32::MAX)?;
     t.broadcast_div(&n)
 }
 
@@ -147,7 +151,10 @@ impl Encoder for ToyEncoder {
     fn encode_query(&self, tokens: &Tensor, texts: &[String]) -> Result<Tensor> {
         let b = tokens.dim(0)?;
         ensure!(b == texts.len(), "{b} token rows for {} texts", texts.len());
-        let img = tokens.to_dtype(DType::F32)?.flatten_from(1)?.matmul(&self.w_query)?;
+        let img = tokens
+            .to_dtype(DType::F32)?
+            .flatten_from(1)?
+            .matmul(&self.w_query)?;
         let words: Vec<f32> = texts.iter().flat_map(|t| self.text_vector(t)).collect();
         let words = Tensor::from_vec(words, (b, self.layout.dim), &Device::Cpu)?;
         Ok(l2_normalize(&(img + (words * 0.3)?)?)?)

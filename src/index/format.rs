@@ -254,13 +254,8 @@ impl IndexFileWriter {
         self.file
             .sync_all()
             .with_context(|| format!("syncing index file {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!(
-                "renaming {} to {}",
-                self.tmp.display(),
-                self.path.display()
-            )
-        })
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))
     }
 }
 
@@ -288,8 +283,8 @@ impl Index {
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", ctx()))?;
         let header = Self::parse_header(&mmap).with_context(ctx)?;
         let names = Self::section(&mmap, header.names).with_context(ctx)?;
-        let pairs: Vec<(String, String)> = serde_json::from_slice(names)
-            .with_context(|| format!("names section of {}", ctx()))?;
+        let pairs: Vec<(String, String)> =
+            serde_json::from_slice(names).with_context(|| format!("names section of {}", ctx()))?;
         ensure!(
             pairs.len() == header.count,
             "{}: names section has {} entries, header says {}",
@@ -355,7 +350,7 @@ impl Index {
         );
         for s in [h.vectors, h.tokens] {
             Self::section(&self.mmap, s)?;
-            ensure!(s.offset % ALIGN == 0, "misaligned section");
+            ensure!(s.offset.is_multiple_of(ALIGN), "misaligned section");
         }
         Ok(())
     }

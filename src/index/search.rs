@@ -154,11 +154,7 @@ pub fn search_with(
         return vec![Vec::new(); nq];
     }
     // The SIMD path works on whole 8-lane vectors.
-    let kernel = if dim % 8 == 0 {
-        kernel
-    } else {
-        Kernel::Scalar
-    };
+    let kernel = if dim.is_multiple_of(8) { kernel } else { Kernel::Scalar };
     let chunks = n.div_ceil(CHUNK_IMAGES);
     let tops = (0..chunks)
         .into_par_iter()
@@ -178,9 +174,13 @@ pub fn search_with(
                         &mut scores,
                         &mut scratch,
                     ),
-                    Vectors::F32(g) => {
-                        image_scores_f32(kernel, &g[i * per..(i + 1) * per], dim, queries, &mut scores)
-                    }
+                    Vectors::F32(g) => image_scores_f32(
+                        kernel,
+                        &g[i * per..(i + 1) * per],
+                        dim,
+                        queries,
+                        &mut scores,
+                    ),
                 }
                 for (t, &s) in tops.iter_mut().zip(&scores) {
                     t.push(Hit { index: i, score: s });
@@ -369,7 +369,10 @@ mod tests {
     fn topk_keeps_the_best_in_order_with_index_tiebreak() {
         let mut t = TopK::new(3);
         for (i, s) in [0.1, 0.5, 0.3, 0.5, 0.9, -1.0].iter().enumerate() {
-            t.push(Hit { index: i, score: *s });
+            t.push(Hit {
+                index: i,
+                score: *s,
+            });
         }
         let v: Vec<(usize, f32)> = t.into_sorted().iter().map(|h| (h.index, h.score)).collect();
         assert_eq!(v, vec![(4, 0.9), (1, 0.5), (3, 0.5)]);

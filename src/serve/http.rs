@@ -48,7 +48,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/search", post(search))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
-            ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here".into())
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here".into(),
+            )
         })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(app)
@@ -102,7 +105,12 @@ async fn image_file(
     State(app): State<Arc<App>>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let not_found = || ApiError(StatusCode::NOT_FOUND, format!("no gallery image named '{name}'"));
+    let not_found = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no gallery image named '{name}'"),
+        )
+    };
     let i = app.searcher.index().position(&name).ok_or_else(not_found)?;
     let root = app.image_root.as_ref().ok_or_else(|| {
         ApiError(
@@ -118,7 +126,11 @@ async fn image_file(
         return Err(not_found());
     }
     let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
-    let mime = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+    let mime = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+    {
         Some(e) if e == "png" => "image/png",
         Some(e) if e == "jpg" || e == "jpeg" => "image/jpeg",
         _ => "application/octet-stream",
@@ -223,12 +235,17 @@ async fn search(
     }
     let image = match (form.image, form.reference) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::bad("give either 'image' or 'reference', not both"))
+            return Err(ApiError::bad(
+                "give either 'image' or 'reference', not both",
+            ))
         }
         (None, None) => return Err(ApiError::bad("missing field 'image' or 'reference'")),
         (None, Some(r)) => {
             let i = app.searcher.index().position(&r).ok_or_else(|| {
-                ApiError(StatusCode::NOT_FOUND, format!("no gallery image named '{r}'"))
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no gallery image named '{r}'"),
+                )
             })?;
             QueryImage::Reference(i)
         }
@@ -236,7 +253,9 @@ async fn search(
             let app2 = app.clone();
             let pixels = tokio::task::spawn_blocking(move || decode_upload(&app2, &bytes))
                 .await
-                .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "decoder failed".into()))??;
+                .map_err(|_| {
+                    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "decoder failed".into())
+                })??;
             QueryImage::Pixels(pixels)
         }
     };
@@ -248,7 +267,12 @@ async fn search(
     })?;
     let results = rx
         .await
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "search worker stopped".into()))?
+        .map_err(|_| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "search worker stopped".into(),
+            )
+        })?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(json!({ "results": results })))
 }

@@ -83,7 +83,12 @@ impl App {
             },
         };
         let searcher = Arc::new(searcher);
-        let batcher = Batcher::start(searcher.clone(), batch.max_batch, batch.max_wait, batch.queue);
+        let batcher = Batcher::start(
+            searcher.clone(),
+            batch.max_batch,
+            batch.max_wait,
+            batch.queue,
+        );
         Ok(Self {
             searcher,
             batcher,

@@ -50,10 +50,15 @@ impl Client {
             .http_status_as_error(false)
             .build()
             .into();
-        Self { base: format!("http://{addr}"), agent }
+        Self {
+            base: format!("http://{addr}"),
+            agent,
+        }
     }
 
-    fn finish(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, String, Vec<u8>) {
+    fn finish(
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> (u16, String, Vec<u8>) {
         let mut resp = resp.expect("HTTP request failed");
         let status = resp.status().as_u16();
         let ctype = resp
@@ -62,7 +67,10 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = resp.body_mut().read_to_vec().expect("reading the response body");
+        let body = resp
+            .body_mut()
+            .read_to_vec()
+            .expect("reading the response body");
         (status, ctype, body)
     }
 
