@@ -23,6 +23,12 @@ enum Command {
     Encode(slot4acir::cli::encode::Args),
     /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
     LlmAugment(slot4acir::cli::llm_augment::Args),
+    /// Encode a gallery once with the large model into an index file (resumable).
+    Index(slot4acir::cli::index::Args),
+    /// Answer one composed query (image + text) against an index with the light model.
+    Search(slot4acir::cli::search::Args),
+    /// Serve searches over HTTP, with a web page.
+    Serve(slot4acir::cli::serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +37,8 @@ fn main() -> anyhow::Result<()> {
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
         Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
+        Command::Index(a) => slot4acir::cli::index::run(a),
+        Command::Search(a) => slot4acir::cli::search::run(a),
+        Command::Serve(a) => slot4acir::cli::serve::run(a),
     }
 }

@@ -142,7 +142,7 @@ fn index_search_matches_direct_scoring_within_float16_rounding() {
                 ),
             };
             let qv = enc
-                .encode_query(&tokens.unsqueeze(0).unwrap(), &[q.text.clone()])
+                .encode_query(&tokens.unsqueeze(0).unwrap(), std::slice::from_ref(&q.text))
                 .unwrap();
             let scores = g_direct
                 .broadcast_matmul(&qv.t().unwrap())

@@ -3,6 +3,9 @@
 pub mod config;
 pub mod encode;
 pub mod llm_augment;
+pub mod index;
+pub mod search;
+pub mod serve;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

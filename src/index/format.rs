@@ -350,7 +350,7 @@ impl Index {
         );
         for s in [h.vectors, h.tokens] {
             Self::section(&self.mmap, s)?;
-            ensure!(s.offset % ALIGN == 0, "misaligned section");
+            ensure!(s.offset.is_multiple_of(ALIGN), "misaligned section");
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod build;
 pub mod encoder;
 pub mod format;
+pub mod model_encoder;
 pub mod search;
 pub mod searcher;
 

@@ -1,0 +1,121 @@
+//! The real Slot4ACir model behind the [`Encoder`] trait: gallery vectors and light tokens
+//! from the large model (SPEC section 1), query vectors from the light model, the slot
+//! inversion and the Q-Former text pass (section 2), with the reference's preprocessing and
+//! text processing.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::encoder::Encoder;
+use super::format::{Index, Layout};
+use crate::config::ModelConfig;
+use crate::data::preprocess::{preprocess, Transform};
+use crate::data::raster::decode;
+use crate::model::slot4acir::Slot4ACir;
+use crate::model::slots::KeepMode;
+use crate::text::{process_caption, Tokenizer};
+
+pub struct ModelEncoder {
+    model: Slot4ACir,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    fingerprint: String,
+    layout: Layout,
+    transform: Transform,
+    device: Device,
+}
+
+impl ModelEncoder {
+    /// Loads the weights for `cfg` (every missing key reported, naming the file) on the GPU
+    /// when built with `cuda` and one is present, else the CPU.
+    pub fn load(cfg: &ModelConfig, weights: &Path) -> Result<Self> {
+        let device = Device::cuda_if_available(0)?;
+        let (model, store) = Slot4ACir::load(cfg, weights, &device)?;
+        let fingerprint = crate::weights::fingerprint(&store.state_dict())
+            .with_context(|| format!("fingerprinting {}", weights.display()))?;
+        // T and C of the light tokens depend on the backbone: ask it once.
+        let probe = Tensor::zeros((1, 3, cfg.img_size, cfg.img_size), DType::F32, &device)?;
+        let (_, t, c) = model.light_tokens(&probe, false)?.dims3()?;
+        let layout = Layout {
+            vectors_per_image: cfg.num_query_token,
+            dim: cfg.embed_dim,
+            tokens_per_image: t,
+            token_dim: c,
+        };
+        Ok(Self {
+            model,
+            cfg: cfg.clone(),
+            tokenizer: Tokenizer::bert_uncased()?,
+            fingerprint,
+            layout,
+            transform: Transform::default(),
+            device,
+        })
+    }
+
+    /// The model an index was built with: its configuration from the index header, the
+    /// weights from `weights` (their fingerprint is checked by [`super::Searcher::new`]).
+    pub fn for_index(index: &Index, weights: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_json(&index.header().model_config.to_string())
+            .with_context(|| format!("model configuration in index {}", index.path().display()))?;
+        Self::load(&cfg, weights)
+    }
+
+    /// How adaptive models choose their slots at inference (the reference samples).
+    pub fn set_keep_mode(&mut self, mode: KeepMode) {
+        self.model.keep_mode = mode;
+    }
+
+    fn to_cpu(t: Tensor) -> Result<Tensor> {
+        Ok(t.to_device(&Device::Cpu)?)
+    }
+}
+
+impl Encoder for ModelEncoder {
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn model_config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).expect("a configuration serializes")
+    }
+
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    fn preprocess(&self, encoded: &[u8]) -> Result<Tensor> {
+        let s = self.cfg.img_size;
+        let raster = decode(encoded)?;
+        let v = preprocess(&raster, &self.transform, s);
+        Ok(Tensor::from_vec(v, (3, s, s), &Device::Cpu)?)
+    }
+
+    fn encode_gallery(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pixels = pixels.to_device(&self.device)?;
+        let vectors = self.model.gallery_feats(&pixels)?;
+        let tokens = self.model.light_tokens(&pixels, false)?;
+        Ok((Self::to_cpu(vectors)?, Self::to_cpu(tokens)?))
+    }
+
+    fn light_tokens(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pixels = pixels.to_device(&self.device)?;
+        Self::to_cpu(self.model.light_tokens(&pixels, false)?)
+    }
+
+    fn encode_query(&self, tokens: &Tensor, texts: &[String]) -> Result<Tensor> {
+        let processed: Vec<String> = texts.iter().map(|t| process_caption(t)).collect();
+        let (ids, mask) = self
+            .tokenizer
+            .encode_batch(&processed, self.cfg.max_txt_len)?;
+        let q = self.model.query_feats(
+            &tokens.to_device(&self.device)?,
+            &ids.to_device(&self.device)?,
+            &mask.to_device(&self.device)?,
+            false,
+        )?;
+        Self::to_cpu(q)
+    }
+}
