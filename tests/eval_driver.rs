@@ -13,7 +13,9 @@ use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use slot4acir::data::{cirr, fashioniq, Dataset, LoadOptions, SkipLog};
-use slot4acir::eval::driver::{cirr_test1, cirr_val, fashioniq_val, EvalOptions};
+use slot4acir::eval::driver::{
+    cirr_test1, cirr_val, fashioniq_val, fashioniq_val_datasets, EvalOptions,
+};
 use slot4acir::eval::metrics::{cirr_metrics, fashioniq_metrics, fashioniq_recalls, CirrRanks};
 use slot4acir::index::{Encoder, Layout, ToyEncoder};
 

@@ -305,22 +305,37 @@ pub fn fashioniq_category(
     fashioniq_recalls(&ranks)
 }
 
-/// FashionIQ validation metrics over `categories`, each ranked within its own gallery.
-pub fn fashioniq_val(
-    enc: &dyn Encoder,
+/// The validation datasets of FashionIQ `categories`, one per category, checked for
+/// evaluation (every triplet's images in its category's gallery).
+pub fn fashioniq_val_datasets(
     data_root: &Path,
     categories: &[&str],
+    log: &SkipLog,
+) -> Result<Vec<(String, Dataset)>> {
+    categories
+        .iter()
+        .map(|&c| {
+            let split = fashioniq::FiqSplit::Val;
+            let mut ds = fashioniq::load(data_root, &[c], split, LoadOptions::default(), log)?;
+            ds.require_in_gallery(log)?;
+            Ok((c.to_string(), ds))
+        })
+        .collect()
+}
+
+/// FashionIQ validation metrics of per-category datasets ([`fashioniq_val_datasets`]), each
+/// ranked within its own gallery.
+pub fn fashioniq_val(
+    enc: &dyn Encoder,
+    categories: &[(String, Dataset)],
     opts: &EvalOptions,
     log: &SkipLog,
 ) -> Result<Metrics> {
     let mut per_category = Vec::new();
-    for &c in categories {
-        let split = fashioniq::FiqSplit::Val;
-        let mut ds = fashioniq::load(data_root, &[c], split, LoadOptions::default(), log)?;
-        ds.require_in_gallery(log)?;
-        let (r10, r50) = fashioniq_category(enc, &ds, opts, log)?;
-        tracing::info!("FashionIQ {c}: R@10 {r10:.2} R@50 {r50:.2}");
-        per_category.push((c.to_string(), r10, r50));
+    for (category, ds) in categories {
+        let (r10, r50) = fashioniq_category(enc, ds, opts, log)?;
+        tracing::info!("FashionIQ {category}: R@10 {r10:.2} R@50 {r50:.2}");
+        per_category.push((category.clone(), r10, r50));
     }
     fashioniq_metrics(&per_category)
 }
