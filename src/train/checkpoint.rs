@@ -1,16 +1,17 @@
 //! Checkpoints: model weights as safetensors under the reference key names (the full
 //! `ParamStore::state_dict()`, so the reference code can `load_state_dict` them), and a
 //! training-state file (AdamW moments per parameter name, optimizer step, epoch, best metric,
-//! seed) that `--resume` continues from exactly. Every write is atomic: a temporary file in
-//! the same folder, fsync, rename, fsync of the folder — a crash mid-save leaves the previous
-//! file intact.
+//! seed) that `--resume` continues from exactly. Every write is atomic
+//! (`weights::save_state_dict` for tensors, [`write_atomic`] for other files): a temporary file
+//! in the same folder, fsync, rename, fsync of the folder — a crash mid-save leaves the
+//! previous file intact.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::train::optim::AdamW;
@@ -55,21 +56,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Serializes named tensors (any device) with optional string metadata to safetensors bytes.
-pub fn safetensors_bytes(
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(safetensors::serialize(
-        cpu.iter().map(|(k, t)| (k.as_str(), t)),
-        metadata,
-    )?)
-}
-
 /// Saves a model state dict (reference key names) atomically, with `epoch` in the metadata.
 pub fn save_weights(
     path: &Path,
@@ -84,23 +70,8 @@ pub fn save_weights(
 
 /// The epoch recorded in a checkpoint written by [`save_weights`].
 pub fn checkpoint_epoch(path: &Path) -> Result<usize> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // Only the header is read.
-    let mut head = [0u8; 8];
-    std::io::Read::read_exact(&mut &f, &mut head)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let n = u64::from_le_bytes(head) as usize;
-    if n > 100_000_000 {
-        bail!("{} is not a safetensors file", path.display());
-    }
-    let mut buf = vec![0u8; 8 + n];
-    buf[..8].copy_from_slice(&head);
-    std::io::Read::read_exact(&mut &f, &mut buf[8..])
-        .with_context(|| format!("reading the header of {}", path.display()))?;
-    let header: serde_json::Value = serde_json::from_slice(&buf[8..])
-        .with_context(|| format!("{} has a malformed header", path.display()))?;
-    header["__metadata__"]["epoch"]
-        .as_str()
+    crate::weights::read_metadata(path)?
+        .get("epoch")
         .and_then(|e| e.parse().ok())
         .with_context(|| format!("{} records no epoch", path.display()))
 }
@@ -147,10 +118,8 @@ pub fn save_training_state(path: &Path, state: &TrainingState, opt: &AdamW) -> R
         tensors.insert(format!("m.{name}"), m);
         tensors.insert(format!("v.{name}"), v);
     }
-    let meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
-    let bytes = safetensors_bytes(&tensors, Some(meta))
-        .with_context(|| format!("serializing training state {}", path.display()))?;
-    write_atomic(path, &bytes)
+    let meta = BTreeMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
+    crate::weights::save_state_dict(path, &tensors, &meta)
 }
 
 /// AdamW (first, second) moments by parameter name.
@@ -176,8 +145,7 @@ pub fn load_training_state(path: &Path) -> Result<(TrainingState, SavedMoments)>
             state.format_version
         );
     }
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("reading tensors of {}", path.display()))?;
+    let mut tensors = crate::weights::load_state_dict(path)?;
     let names: Vec<String> = tensors
         .keys()
         .filter_map(|k| k.strip_prefix("m.").map(str::to_string))
