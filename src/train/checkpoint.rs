@@ -62,10 +62,8 @@ pub fn save_weights(
     state_dict: &BTreeMap<String, Tensor>,
     epoch: usize,
 ) -> Result<()> {
-    let meta = HashMap::from([("epoch".to_string(), epoch.to_string())]);
-    let bytes = safetensors_bytes(state_dict, Some(meta))
-        .with_context(|| format!("serializing checkpoint {}", path.display()))?;
-    write_atomic(path, &bytes)
+    let meta = BTreeMap::from([("epoch".to_string(), epoch.to_string())]);
+    crate::weights::save_state_dict(path, state_dict, &meta)
 }
 
 /// The epoch recorded in a checkpoint written by [`save_weights`].
