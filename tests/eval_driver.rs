@@ -313,14 +313,9 @@ fn fashioniq_val_per_category_matches_independent_ranks() {
         .unwrap();
     }
     let enc = Counting::new();
-    let m = fashioniq_val(
-        &enc,
-        root.path(),
-        &fashioniq::CATEGORIES,
-        &opts(),
-        &SkipLog::new(false),
-    )
-    .unwrap();
+    let log = SkipLog::new(false);
+    let datasets = fashioniq_val_datasets(root.path(), &fashioniq::CATEGORIES, &log).unwrap();
+    let m = fashioniq_val(&enc, &datasets, &opts(), &log).unwrap();
     assert_eq!(enc.gallery_images.load(Ordering::SeqCst), 60 + 65 + 70);
     assert_eq!(enc.light_token_calls.load(Ordering::SeqCst), 0);
 
