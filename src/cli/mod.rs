@@ -2,8 +2,8 @@
 
 pub mod config;
 pub mod encode;
-pub mod llm_augment;
 pub mod index;
+pub mod llm_augment;
 pub mod search;
 pub mod serve;
 

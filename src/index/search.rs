@@ -154,7 +154,11 @@ pub fn search_with(
         return vec![Vec::new(); nq];
     }
     // The SIMD path works on whole 8-lane vectors.
-    let kernel = if dim.is_multiple_of(8) { kernel } else { Kernel::Scalar };
+    let kernel = if dim.is_multiple_of(8) {
+        kernel
+    } else {
+        Kernel::Scalar
+    };
     let chunks = n.div_ceil(CHUNK_IMAGES);
     let tops = (0..chunks)
         .into_par_iter()
