@@ -23,6 +23,12 @@ enum Command {
     Encode(slot4acir::cli::encode::Args),
     /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
     LlmAugment(slot4acir::cli::llm_augment::Args),
+    /// Train a light query model against the large gallery model (CIRR or FashionIQ).
+    Train(slot4acir::cli::train::Args),
+    /// Validation metrics of a checkpoint on CIRR val or FashionIQ val, as JSON.
+    Eval(slot4acir::cli::eval::Args),
+    /// Write the CIRR test1 submission files of a checkpoint.
+    Submit(slot4acir::cli::submit::Args),
     /// Encode a gallery once with the large model into an index file (resumable).
     Index(slot4acir::cli::index::Args),
     /// Answer one composed query (image + text) against an index with the light model.
@@ -37,6 +43,9 @@ fn main() -> anyhow::Result<()> {
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
         Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
+        Command::Train(a) => slot4acir::cli::train::run(a),
+        Command::Eval(a) => slot4acir::cli::eval::run(a),
+        Command::Submit(a) => slot4acir::cli::submit::run(a),
         Command::Index(a) => slot4acir::cli::index::run(a),
         Command::Search(a) => slot4acir::cli::search::run(a),
         Command::Serve(a) => slot4acir::cli::serve::run(a),

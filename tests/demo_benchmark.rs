@@ -142,7 +142,7 @@ fn benchmark_has_the_cirr_layout_and_consistent_queries() {
                     t
                 );
                 // Reference and target come from the same family.
-                let fam = |n: &str| n.rsplitn(2, '-').nth(1).unwrap().to_string();
+                let fam = |n: &str| n.rsplit_once('-').unwrap().0.to_string();
                 assert_eq!(fam(r), fam(t));
             } else {
                 assert!(c.get("target_hard").is_none());

@@ -2,10 +2,13 @@
 
 pub mod config;
 pub mod encode;
+pub mod eval;
 pub mod index;
 pub mod llm_augment;
 pub mod search;
 pub mod serve;
+pub mod submit;
+pub mod train;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

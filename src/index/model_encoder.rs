@@ -4,6 +4,7 @@
 //! text processing.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -16,12 +17,15 @@ use crate::data::raster::decode;
 use crate::model::slot4acir::Slot4ACir;
 use crate::model::slots::KeepMode;
 use crate::text::{process_caption, Tokenizer};
+use crate::weights::ParamStore;
 
 pub struct ModelEncoder {
-    model: Slot4ACir,
+    model: Arc<Slot4ACir>,
     cfg: ModelConfig,
     tokenizer: Tokenizer,
-    fingerprint: String,
+    /// The weights' fingerprint, computed on first use (training validation never needs it).
+    fingerprint: OnceLock<String>,
+    store: ParamStore,
     layout: Layout,
     transform: Transform,
     device: Device,
@@ -33,8 +37,19 @@ impl ModelEncoder {
     pub fn load(cfg: &ModelConfig, weights: &Path) -> Result<Self> {
         let device = Device::cuda_if_available(0)?;
         let (model, store) = Slot4ACir::load(cfg, weights, &device)?;
-        let fingerprint = crate::weights::fingerprint(&store.state_dict())
+        let enc = Self::from_model(Arc::new(model), store)?;
+        // Fingerprint now, so a bad file is reported here, naming it.
+        let fp = crate::weights::fingerprint(&enc.store.state_dict())
             .with_context(|| format!("fingerprinting {}", weights.display()))?;
+        let _ = enc.fingerprint.set(fp);
+        Ok(enc)
+    }
+
+    /// An encoder over a model that is shared with its owner (the trainer validates through
+    /// one): it sees the current weights at every call. `store` holds the model's parameters.
+    pub fn from_model(model: Arc<Slot4ACir>, store: ParamStore) -> Result<Self> {
+        let cfg = model.cfg.clone();
+        let device = model.query_tokens.device().clone();
         // T and C of the light tokens depend on the backbone: ask it once.
         let probe = Tensor::zeros((1, 3, cfg.img_size, cfg.img_size), DType::F32, &device)?;
         let (_, t, c) = model.light_tokens(&probe, false)?.dims3()?;
@@ -46,9 +61,10 @@ impl ModelEncoder {
         };
         Ok(Self {
             model,
-            cfg: cfg.clone(),
+            cfg,
             tokenizer: Tokenizer::bert_uncased()?,
-            fingerprint,
+            fingerprint: OnceLock::new(),
+            store,
             layout,
             transform: Transform::default(),
             device,
@@ -64,8 +80,18 @@ impl ModelEncoder {
     }
 
     /// How adaptive models choose their slots at inference (the reference samples).
+    /// Preprocessing of image files (default: TargetPad 1.25).
+    pub fn with_transform(mut self, transform: Transform) -> Self {
+        self.transform = transform;
+        self
+    }
+
+    /// Has no effect on a model shared with another owner ([`Self::from_model`]); set the
+    /// mode on the model before sharing it.
     pub fn set_keep_mode(&mut self, mode: KeepMode) {
-        self.model.keep_mode = mode;
+        if let Some(m) = Arc::get_mut(&mut self.model) {
+            m.keep_mode = mode;
+        }
     }
 
     fn to_cpu(t: Tensor) -> Result<Tensor> {
@@ -83,7 +109,12 @@ impl Encoder for ModelEncoder {
     }
 
     fn fingerprint(&self) -> String {
-        self.fingerprint.clone()
+        self.fingerprint
+            .get_or_init(|| {
+                crate::weights::fingerprint(&self.store.state_dict())
+                    .expect("fingerprinting tensors already in memory")
+            })
+            .clone()
     }
 
     fn preprocess(&self, encoded: &[u8]) -> Result<Tensor> {

@@ -179,6 +179,11 @@ impl Augmenter {
                     let caption = &triplets.captions(i)[slot];
                     let asked =
                         ask_paraphrases(&self.client, &o.template, &o.retry, caption, n, stop);
+                    // Stop the other workers at once, not when the writer gets to this answer:
+                    // otherwise they keep asking a server that refuses the whole run.
+                    if matches!(asked.outcome, Outcome::Fatal(_)) {
+                        stop.store(true, Ordering::SeqCst);
+                    }
                     if tx.send((i, slot, asked)).is_err() {
                         break;
                     }

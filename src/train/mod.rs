@@ -2,6 +2,8 @@
 
 pub mod checkpoint;
 pub mod gradcache;
+pub mod init;
 pub mod objective;
 pub mod optim;
+pub mod task;
 pub mod trainer;

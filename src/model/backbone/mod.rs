@@ -63,6 +63,16 @@ pub fn map_pretrained(
     match kind {
         K::MobileNetV3Small | K::MobileNetV3Large => mobilenetv3::map_pretrained(state_dict),
         K::EfficientVitM2 | K::EfficientVitM4 => efficientvit::map_pretrained(state_dict),
+        K::EfficientNetB0
+        | K::EfficientNetB1
+        | K::EfficientNetB2
+        | K::EfficientNetLite0
+        | K::EfficientNetLite1
+        | K::EfficientNetLite2 => Ok(rename_pretrained(
+            state_dict,
+            &["_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1"],
+        )),
+        #[allow(unreachable_patterns)]
         other => candle_core::bail!("no pretrained key mapping for light model {}", other.name()),
     }
 }
