@@ -29,6 +29,23 @@ pub struct ModelConfig {
     pub vit_mlp_ratio: f64,
     pub vit_ln_eps: f64,
     pub qformer_ln_eps: f64,
+    /// The gallery side's frozen image encoder: [`EVA_VIT`] (the paper's, the default), or a
+    /// light backbone name whose feature map, one token per position, stands in for the ViT
+    /// (`vit_width` is then its channel count). Left out of files that use the ViT, so the
+    /// reference's configurations read and write unchanged.
+    #[serde(default = "eva_vit", skip_serializing_if = "is_eva_vit")]
+    pub vision_model: String,
+}
+
+/// [`ModelConfig::vision_model`] of the paper: the EVA ViT.
+pub const EVA_VIT: &str = "eva-vit";
+
+fn eva_vit() -> String {
+    EVA_VIT.to_string()
+}
+
+fn is_eva_vit(s: &str) -> bool {
+    s == EVA_VIT
 }
 
 /// The light query backbones (SPEC section 2), by their `--light-model-name`.
@@ -104,14 +121,46 @@ impl ModelConfig {
             vit_mlp_ratio: 4.3637,
             vit_ln_eps: 1e-6,
             qformer_ln_eps: 1e-12,
+            vision_model: eva_vit(),
         }
     }
 
-    /// Built-in presets by name (`paper`).
+    /// The demo's small configuration (`slot4acir demo`), every part from real pretrained
+    /// weights available offline: EfficientNet-Lite2's feature map (1280 × 7 × 7) as the frozen
+    /// gallery encoder, a Q-Former of MiniLM-L6's width (384, 12 heads) and first 4 layers,
+    /// 16 query tokens, EfficientNet-Lite0 query encoder, 8 slots, texts of at most 16 tokens.
+    pub fn demo() -> Self {
+        Self {
+            vit_width: 1280,
+            vit_depth: 0,
+            vit_heads: 16,
+            qformer_hidden: 384,
+            qformer_layers: 4,
+            qformer_heads: 12,
+            qformer_intermediate: 1536,
+            num_query_token: 16,
+            max_txt_len: 16,
+            light_model: "efficientnet-lite0".into(),
+            vision_model: "efficientnet-lite2".into(),
+            ..Self::paper()
+        }
+    }
+
+    /// Built-in presets by name (`paper`, `demo`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "paper" => Some(Self::paper()),
+            "demo" => Some(Self::demo()),
             _ => None,
+        }
+    }
+
+    /// The light backbone that replaces the ViT on the gallery side, if any.
+    pub fn vision_backbone(&self) -> Option<LightModelKind> {
+        if is_eva_vit(&self.vision_model) {
+            None
+        } else {
+            Some(LightModelKind::parse(&self.vision_model).expect("validated configuration"))
         }
     }
 
@@ -140,6 +189,10 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         LightModelKind::parse(&self.light_model)?;
+        if !is_eva_vit(&self.vision_model) {
+            LightModelKind::parse(&self.vision_model)
+                .with_context(|| format!("vision_model (or {EVA_VIT})"))?;
+        }
         let div = |a: usize, b: usize, what: &str| -> Result<()> {
             if b == 0 || !a.is_multiple_of(b) {
                 bail!("{what}: {a} is not divisible by {b}");
@@ -197,6 +250,20 @@ mod tests {
             ModelConfig::paper()
         );
         let bad = inner.replace("\"num_slots\"", "\"num_slotz\"");
+        assert!(ModelConfig::from_json(&bad).is_err());
+    }
+
+    #[test]
+    fn the_vit_choice_is_left_out_of_files_and_read_back() {
+        let paper = serde_json::to_value(ModelConfig::paper()).unwrap();
+        assert!(paper.get("vision_model").is_none());
+        let demo = serde_json::to_string(&ModelConfig::demo()).unwrap();
+        assert_eq!(ModelConfig::from_json(&demo).unwrap(), ModelConfig::demo());
+        assert_eq!(
+            ModelConfig::demo().vision_backbone(),
+            Some(LightModelKind::EfficientNetLite2)
+        );
+        let bad = demo.replace("efficientnet-lite2", "resnet-50");
         assert!(ModelConfig::from_json(&bad).is_err());
     }
 

@@ -23,6 +23,9 @@ enum Command {
     Encode(slot4acir::cli::encode::Args),
     /// Write the LLM-paraphrased training caption files with an OpenAI-compatible endpoint.
     LlmAugment(slot4acir::cli::llm_augment::Args),
+    /// The main job on the built-in default: build a benchmark from real photographs, train
+    /// the small demo model from offline pretrained weights, report before and after.
+    Demo(slot4acir::cli::demo::Args),
     /// Train a light query model against the large gallery model (CIRR or FashionIQ).
     Train(slot4acir::cli::train::Args),
     /// Validation metrics of a checkpoint on CIRR val or FashionIQ val, as JSON.
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
         Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
+        Command::Demo(a) => slot4acir::cli::demo::run(a),
         Command::Train(a) => slot4acir::cli::train::run(a),
         Command::Eval(a) => slot4acir::cli::eval::run(a),
         Command::Submit(a) => slot4acir::cli::submit::run(a),

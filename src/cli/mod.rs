@@ -1,6 +1,7 @@
 //! One module per subcommand: a clap `Args` struct and `run(args) -> anyhow::Result<()>`.
 
 pub mod config;
+pub mod demo;
 pub mod encode;
 pub mod eval;
 pub mod index;

@@ -2,6 +2,9 @@
 //! the report of a training run on it.
 
 pub mod benchmark;
+pub mod features;
 pub mod objects;
 pub mod report;
+pub mod run;
 pub mod scene;
+pub mod task;

@@ -246,7 +246,7 @@ impl EncodedSplit {
     }
 
     /// Position of every encoded gallery image by name.
-    fn positions<'a>(&self, ds: &'a Dataset) -> HashMap<&'a str, usize> {
+    pub fn positions<'a>(&self, ds: &'a Dataset) -> HashMap<&'a str, usize> {
         self.gallery
             .iter()
             .enumerate()
@@ -262,7 +262,11 @@ pub fn cirr_val(
     opts: &EvalOptions,
     log: &SkipLog,
 ) -> Result<Metrics> {
-    let split = encode_split(enc, ds, opts, log)?;
+    cirr_val_metrics(&encode_split(enc, ds, opts, log)?, ds, opts)
+}
+
+/// [`cirr_val`] of a split already encoded (by [`encode_split`] or from cached features).
+pub fn cirr_val_metrics(split: &EncodedSplit, ds: &Dataset, opts: &EvalOptions) -> Result<Metrics> {
     let pos = split.positions(ds);
     let mut ranks = Vec::with_capacity(split.queries.len());
     split.for_each_scores(opts.score_chunk, |k, scores| {
@@ -347,7 +351,15 @@ pub fn cirr_test1(
     opts: &EvalOptions,
     log: &SkipLog,
 ) -> Result<Vec<CirrAnswer>> {
-    let split = encode_split(enc, ds, opts, log)?;
+    cirr_test1_answers(&encode_split(enc, ds, opts, log)?, ds, opts)
+}
+
+/// [`cirr_test1`] of a split already encoded.
+pub fn cirr_test1_answers(
+    split: &EncodedSplit,
+    ds: &Dataset,
+    opts: &EvalOptions,
+) -> Result<Vec<CirrAnswer>> {
     let pos = split.positions(ds);
     let names: Vec<String> = split
         .gallery

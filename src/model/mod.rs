@@ -5,6 +5,7 @@ pub mod layers;
 pub mod qformer;
 pub mod slot4acir;
 pub mod slots;
+pub mod vision;
 pub mod vit;
 
 pub use slot4acir::{

@@ -12,7 +12,7 @@ use super::backbone::{self, LightEncoder};
 use super::layers::{l2_normalize, LayerNorm};
 use super::qformer::{token_at, QFormer};
 use super::slots::{KeepMode, SlotModule, SlotOutput};
-use super::vit::EvaVit;
+use super::vision::VisionEncoder;
 use crate::config::ModelConfig;
 use crate::weights::{self, Mode, ParamStore};
 
@@ -122,7 +122,7 @@ pub struct Slot4ACir {
     /// Adaptive models: how the keep mask is drawn outside training.
     pub keep_mode: KeepMode,
     pub token_layout: TokenLayout,
-    pub visual_encoder: EvaVit,
+    pub visual_encoder: VisionEncoder,
     pub ln_vision: LayerNorm,
     pub qformer: QFormer,
     pub query_tokens: Tensor,
@@ -160,7 +160,7 @@ impl Slot4ACir {
         light_encoder: Box<dyn LightEncoder>,
     ) -> Result<Self> {
         let h = cfg.qformer_hidden;
-        let visual_encoder = EvaVit::new(cfg, vb.pp("visual_encoder"))?;
+        let visual_encoder = VisionEncoder::new(cfg, vb.pp("visual_encoder"))?;
         let ln_vision = LayerNorm::new(vb.pp("ln_vision"), cfg.vit_width, 1e-5)?;
         let qformer = QFormer::new(cfg, vb.pp("Qformer.bert"))?;
         let query_tokens = vb.get_with_hints(
@@ -220,7 +220,8 @@ impl Slot4ACir {
 
     // ---- gallery side ----
 
-    /// The frozen ViT's output (B,T,W) before `ln_vision`; never part of the autograd graph.
+    /// The frozen vision encoder's output (B,T,W) before `ln_vision`; never part of the
+    /// autograd graph.
     pub fn vit_features(&self, pixels: &Tensor) -> Result<Tensor> {
         Ok(self.visual_encoder.forward(pixels)?.detach())
     }

@@ -110,19 +110,29 @@ impl ParamStore {
         VarBuilder::from_backend(backend, DType::F32, device.clone())
     }
 
+    /// A frozen module's BatchNorm statistics are frozen too (it only runs in eval mode), so
+    /// its convolutions can be folded with them.
     pub fn role(&self, name: &str) -> Role {
-        if is_buffer(name) {
-            Role::Buffer
-        } else if self
+        if self
             .0
             .frozen_prefixes
             .iter()
             .any(|p| name.starts_with(p.as_str()))
         {
             Role::Frozen
+        } else if is_buffer(name) {
+            Role::Buffer
         } else {
             Role::Trainable
         }
+    }
+
+    /// Also freezes the parameters under `prefix` (e.g. `light_visual_encoder.` to train only
+    /// the slots, the Q-Former and the projections). Call before building the model.
+    pub fn freeze(mut self, prefix: &str) -> Self {
+        let inner = Arc::get_mut(&mut self.0).expect("freeze before the store is shared");
+        inner.frozen_prefixes.push(prefix.to_string());
+        self
     }
 
     /// Call after building the model: an error listing every missing key and every shape

@@ -77,6 +77,23 @@ pub fn map_pretrained(
     }
 }
 
+/// [`map_pretrained`] under another prefix than [`PREFIX`] (`visual_encoder` for a backbone
+/// standing in for the ViT).
+pub fn map_pretrained_under(
+    kind: LightModelKind,
+    state_dict: HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<HashMap<String, Tensor>> {
+    let mapped = map_pretrained(kind, state_dict)?;
+    Ok(mapped
+        .into_iter()
+        .map(|(k, t)| match k.strip_prefix(PREFIX) {
+            Some(rest) => (format!("{prefix}{rest}"), t),
+            None => (k, t),
+        })
+        .collect())
+}
+
 /// The common part of the pretrained key mappings: strips the wrappers that training scripts
 /// add (`module.` from DataParallel, `model.` / `state_dict.` from checkpoint dictionaries, in
 /// any nesting), keeps the keys whose first component is one of the backbone's top-level

@@ -1,0 +1,85 @@
+//! `slot4acir demo`: the main job on the built-in default (see [`crate::demo::run`]).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::demo::benchmark::BenchmarkConfig;
+use crate::demo::run::{run as run_demo, DemoOptions};
+use crate::model::LossWeights;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output folder: the benchmark (`data/`), the run, `metrics.json`, `report.html` and the
+    /// submission files.
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    /// The offline assets (`scripts/fetch-assets.sh` fills it).
+    #[arg(long, default_value = ".assets")]
+    pub assets: PathBuf,
+    /// The object stamps folder (default: the assets' copy of tuxpaint-stamps-default, else
+    /// `/usr/share/tuxpaint/stamps`; drawn shapes when neither exists).
+    #[arg(long)]
+    pub stamps: Option<PathBuf>,
+    #[arg(long, default_value_t = 240)]
+    pub max_objects: usize,
+    #[arg(long, default_value_t = 3000)]
+    pub train_triplets: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub val_images: usize,
+    #[arg(long, default_value_t = 500)]
+    pub val_queries: usize,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub learning_rate: f64,
+    /// `itc` or `itc_dta` (adds the teacher's RTC and DTA losses, 0.4 each).
+    #[arg(long, default_value = "itc_dta")]
+    pub loss_setting: String,
+    #[arg(long, default_value_t = 2025)]
+    pub seed: u64,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let loss = match args.loss_setting.as_str() {
+        "itc" => LossWeights::itc_only(),
+        "itc_dta" => LossWeights::cirr(),
+        other => anyhow::bail!("unknown --loss-setting '{other}' (itc, itc_dta)"),
+    };
+    let o = DemoOptions {
+        out: args.out,
+        assets: args.assets,
+        stamps: args.stamps,
+        max_objects: args.max_objects,
+        benchmark: BenchmarkConfig {
+            train_triplets: args.train_triplets,
+            val_images: args.val_images,
+            val_queries: args.val_queries,
+            seed: args.seed,
+            ..BenchmarkConfig::default()
+        },
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        loss,
+        seed: args.seed,
+        progress: !args.quiet,
+    };
+    let s = run_demo(&o)?;
+    println!(
+        "demo done in {:.0} s: val R@1 {:.2} -> {:.2} (image only {:.2}), R@10 {:.2} -> {:.2} (image only {:.2})",
+        s.seconds,
+        s.before.get("recall_at1").unwrap_or(f64::NAN),
+        s.after.get("recall_at1").unwrap_or(f64::NAN),
+        s.image_only.get("recall_at1").unwrap_or(f64::NAN),
+        s.before.get("recall_at10").unwrap_or(f64::NAN),
+        s.after.get("recall_at10").unwrap_or(f64::NAN),
+        s.image_only.get("recall_at10").unwrap_or(f64::NAN),
+    );
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The frozen encoders' outputs of every image, computed once: the gallery encoder's image
+//! tokens (before `ln_vision`) and the query encoder's light tokens. The demo freezes both
+//! encoders, so each epoch and each evaluation reads these instead of running the CNNs again.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::data::preprocess::{load_batch, Transform};
+use crate::data::Dataset;
+use crate::model::Slot4ACir;
+
+pub struct FeatureBank {
+    row: HashMap<String, u32>,
+    /// (N,T,W) image tokens of the frozen gallery encoder.
+    pub vision: Tensor,
+    /// (N,t,C) light tokens of the frozen query encoder.
+    pub light: Tensor,
+}
+
+impl FeatureBank {
+    /// Encodes every gallery image of `datasets` (names must be unique across them).
+    pub fn build(model: &Slot4ACir, datasets: &[&Dataset], batch: usize, progress: bool) -> Result<Self> {
+        let images: Vec<_> = datasets.iter().flat_map(|d| d.gallery.iter()).collect();
+        let pb = if progress {
+            indicatif::ProgressBar::new(images.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("encoding images [{bar:40}] {pos}/{len} ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let size = model.cfg.img_size;
+        let device = model.query_tokens.device().clone();
+        let (mut row, mut vision, mut light) = (HashMap::new(), Vec::new(), Vec::new());
+        for chunk in images.chunks(batch.max(1)) {
+            let paths: Vec<_> = chunk.iter().map(|g| g.path.clone()).collect();
+            let loaded = load_batch(&paths, &Transform::default(), size)?;
+            if let Some((i, e)) = loaded.failed.into_iter().next() {
+                return Err(e.context(format!("reading image {}", paths[i].display())));
+            }
+            let pixels = loaded.pixels.to_device(&device)?;
+            vision.push(model.vit_features(&pixels)?.to_device(&Device::Cpu)?);
+            light.push(model.light_tokens(&pixels, false)?.to_device(&Device::Cpu)?);
+            for g in chunk {
+                let n = row.len() as u32;
+                if row.insert(g.name.clone(), n).is_some() {
+                    bail!("image name {} appears in two splits", g.name);
+                }
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        if row.is_empty() {
+            bail!("no images to encode");
+        }
+        Ok(Self {
+            row,
+            vision: Tensor::cat(&vision, 0)?,
+            light: Tensor::cat(&light, 0)?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.row.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.row.is_empty()
+    }
+
+    fn rows<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<Tensor> {
+        let idx: Vec<u32> = names
+            .into_iter()
+            .map(|n| self.row.get(n).copied().with_context(|| format!("image {n} was not encoded")))
+            .collect::<Result<_>>()?;
+        Ok(Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?)
+    }
+
+    /// Image tokens (B,T,W) of the named images, on `device`.
+    pub fn vision_of<'a>(&self, names: impl IntoIterator<Item = &'a str>, device: &Device) -> Result<Tensor> {
+        Ok(self.vision.index_select(&self.rows(names)?, 0)?.to_device(device)?)
+    }
+
+    /// Light tokens (B,t,C) of the named images, on `device`.
+    pub fn light_of<'a>(&self, names: impl IntoIterator<Item = &'a str>, device: &Device) -> Result<Tensor> {
+        Ok(self.light.index_select(&self.rows(names)?, 0)?.to_device(device)?)
+    }
+}
