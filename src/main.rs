@@ -2,6 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+// candle allocates a fresh buffer per operation: the system allocator returns large ones to the
+// kernel at once, so every step page-faults them in again; mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "slot4acir",

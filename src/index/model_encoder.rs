@@ -94,8 +94,10 @@ impl ModelEncoder {
         }
     }
 
+    /// Detached: while training shares the model, an output would otherwise keep its whole
+    /// autograd graph alive (a validation pass over a gallery ran out of memory).
     fn to_cpu(t: Tensor) -> Result<Tensor> {
-        Ok(t.to_device(&Device::Cpu)?)
+        Ok(t.detach().to_device(&Device::Cpu)?)
     }
 }
 
