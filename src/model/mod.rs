@@ -9,6 +9,7 @@ pub mod vision;
 pub mod vit;
 
 pub use slot4acir::{
-    LightInput, LossReps, LossWeights, Losses, Slot4ACir, TeacherReps, TrainBatch, VitInput,
+    LightInput, LossReps, LossWeights, Losses, Slot4ACir, TeacherReps, TokenLayout, TrainBatch,
+    VitInput,
 };
 pub use slots::{KeepMode, SlotOutput};

@@ -17,7 +17,8 @@ use crate::config::ModelConfig;
 use crate::weights::{self, Mode, ParamStore};
 
 /// How the light feature map (B,C,h,w) becomes tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TokenLayout {
     /// The reference: the contiguous buffer reinterpreted as (B, h·w, C) — a reshape, not a
     /// transpose. Checkpoints were trained this way.
@@ -184,7 +185,7 @@ impl Slot4ACir {
         Ok(Self {
             cfg: cfg.clone(),
             keep_mode: KeepMode::default(),
-            token_layout: TokenLayout::default(),
+            token_layout: cfg.token_layout,
             visual_encoder,
             ln_vision,
             qformer,

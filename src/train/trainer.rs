@@ -8,6 +8,7 @@
 //! uninterrupted run would have done.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -211,6 +212,8 @@ pub fn train<T: TrainTask>(task: &T, cfg: &TrainerConfig, resume: bool) -> Resul
         train_seconds: 0.0,
     };
     let mut trained_triplets = 0usize;
+    let log_tty = std::io::stderr().is_terminal();
+    let log_every = (steps_per_epoch / 10).max(1);
     let end_epoch = cfg
         .stop_after_epochs
         .map_or(cfg.num_epochs, |s| s.min(cfg.num_epochs));
@@ -260,11 +263,21 @@ pub fn train<T: TrainTask>(task: &T, cfg: &TrainerConfig, resume: bool) -> Resul
                 .iter()
                 .map(|(k, s)| format!("{k} {:.4}", s / (b + 1) as f64))
                 .collect();
-            bar.set_message(format!(
+            let message = format!(
                 "{:.1} triplets/s | lr {lr:.2e} | {}",
                 ((b + 1) * cfg.batch_size) as f64 / secs.max(1e-9),
                 running.join(" ")
-            ));
+            );
+            // Without a terminal the bar is not drawn: log a line every tenth of the epoch.
+            if cfg.progress && !log_tty && (b + 1) % log_every == 0 {
+                tracing::info!(
+                    "epoch {}/{} step {}/{steps_per_epoch}: {message}",
+                    epoch + 1,
+                    cfg.num_epochs,
+                    b + 1
+                );
+            }
+            bar.set_message(message);
             bar.inc(1);
         }
         bar.finish_and_clear();
