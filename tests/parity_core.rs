@@ -301,6 +301,16 @@ fn full_model_mbv3s_train() {
     full_model("parity-mbv3s", true);
 }
 
+#[test]
+fn gallery_side_mbv3s() {
+    gallery_side("parity-mbv3s");
+}
+
+#[test]
+fn full_model_evitm2_train() {
+    full_model("parity-evitm2", true);
+}
+
 /// The fixtures have no adaptive model: build one from parity-b0 (its slot module under
 /// `slot_attn`, plus a `pred_keep_slot` that keeps some slots and drops others) and check the
 /// wrapper against the plain module and the Q-Former pass it feeds.
