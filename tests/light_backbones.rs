@@ -315,3 +315,58 @@ fn variants_without_fixture_give_spec_shapes() {
         assert_eq!(enc.out_channels(), c);
     }
 }
+
+/// Classifier heads of the backbones' own releases (unused by `extract_features`).
+const CLASSIFIERS: [&str; 4] = ["head.", "linear3.", "bn3.", "linear4."];
+
+/// Training works with every backbone: in training mode (BatchNorm batch statistics) a loss on
+/// the feature map gives every trainable parameter of the encoder a finite gradient, and none
+/// is left without one.
+#[test]
+fn every_backbone_trains() {
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &Device::Cpu).unwrap();
+    for (name, kind) in LightModelKind::ALL {
+        let store = ParamStore::random(Mode::Training);
+        let enc = backbone::build(kind, store.var_builder(&Device::Cpu).pp(PREFIX)).unwrap();
+        let f = enc.extract_features(&x, true).unwrap();
+        // A loss that weighs every channel and position differently.
+        let w = Tensor::randn(0f32, 1.0, f.dims(), &Device::Cpu).unwrap();
+        let grads = (f * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = store.trainable_vars();
+        assert!(
+            vars.len() > 20,
+            "{name}: {} trainable parameters",
+            vars.len()
+        );
+        let (mut zero, mut missing) = (Vec::new(), Vec::new());
+        for (param, var) in &vars {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                // The classifier after global pooling is not part of `extract_features`.
+                if !CLASSIFIERS
+                    .iter()
+                    .any(|c| param[PREFIX.len() + 1..].starts_with(c))
+                {
+                    missing.push(param.clone());
+                }
+                continue;
+            };
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm.is_finite(), "{name}: {param} gradient is not finite");
+            if norm == 0.0 {
+                zero.push(param.clone());
+            }
+        }
+        assert!(zero.is_empty(), "{name}: zero gradient for {zero:?}");
+        assert!(missing.is_empty(), "{name}: no gradient for {missing:?}");
+        println!(
+            "{name}: {} parameters, each of the feature path with a gradient",
+            vars.len()
+        );
+    }
+}
