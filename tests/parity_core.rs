@@ -143,6 +143,30 @@ fn query_side(name: &'static str) {
         fx.exp("inference_sims"),
         FEAT_TOL,
     );
+    // Text padded only to the longest caption: the same queries (padding is masked out).
+    let mask = fx.inp("attention_mask");
+    let longest = mask
+        .sum(1)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<i64>()
+        .unwrap() as usize;
+    assert!(longest < mask.dim(1).unwrap(), "{name}: no padding to cut");
+    let trimmed = model
+        .query_feats(
+            &tokens,
+            &fx.inp("input_ids").narrow(1, 0, longest).unwrap(),
+            &mask.narrow(1, 0, longest).unwrap(),
+            false,
+        )
+        .unwrap();
+    assert_close(
+        &format!("{name} query with text padded to the longest ({longest} of 32)"),
+        &trimmed,
+        &query,
+        1e-6,
+    );
 }
 
 fn eval_batch(fx: &Fixture, model: &Slot4ACir) -> TrainBatch {

@@ -63,6 +63,17 @@ fn token_ids_and_masks_match_the_reference() {
             rows(&inputs["attention_mask"]),
             "{fixture}: attention_mask"
         );
+        // Padded to the longest caption only: the same ids, cut after the longest.
+        let (short, short_mask) = tok.encode_batch_longest(&captions, 32).unwrap();
+        let longest = rows(&mask)
+            .iter()
+            .map(|r| r.iter().filter(|&&m| m == 1).count())
+            .max()
+            .unwrap();
+        assert_eq!(short.dims(), [captions.len(), longest], "{fixture}");
+        let cut = |t: &candle_core::Tensor| rows(&t.narrow(1, 0, longest).unwrap());
+        assert_eq!(rows(&short), cut(&ids), "{fixture}: input_ids");
+        assert_eq!(rows(&short_mask), cut(&mask), "{fixture}: attention_mask");
     }
 }
 

@@ -68,7 +68,7 @@ impl TrainTask for BankTask<'_> {
         let targets = ts.iter().map(|t| t.target.as_deref().unwrap_or(""));
         let (ids, mask) = self
             .tokenizer
-            .encode_batch(&captions, self.model.cfg.max_txt_len)?;
+            .encode_batch_longest(&captions, self.model.cfg.max_txt_len)?;
         Ok(TrainBatch {
             reference: LightInput::Tokens(self.bank.light_of(refs.clone(), &self.device)?),
             reference_vit: VitInput::Features(self.bank.vision_of(refs, &self.device)?),
@@ -112,7 +112,7 @@ pub fn encode_from_bank(
             .iter()
             .map(|t| process_caption(&t.text.eval_caption()))
             .collect();
-        let (ids, mask) = tokenizer.encode_batch(&texts, model.cfg.max_txt_len)?;
+        let (ids, mask) = tokenizer.encode_batch_longest(&texts, model.cfg.max_txt_len)?;
         let q = model.query_feats(
             &tokens,
             &ids.to_device(&device)?,

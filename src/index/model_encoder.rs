@@ -142,7 +142,7 @@ impl Encoder for ModelEncoder {
         let processed: Vec<String> = texts.iter().map(|t| process_caption(t)).collect();
         let (ids, mask) = self
             .tokenizer
-            .encode_batch(&processed, self.cfg.max_txt_len)?;
+            .encode_batch_longest(&processed, self.cfg.max_txt_len)?;
         let q = self.model.query_feats(
             &tokens.to_device(&self.device)?,
             &ids.to_device(&self.device)?,

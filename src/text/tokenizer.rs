@@ -97,6 +97,26 @@ impl Tokenizer {
     /// the CPU. A text too long keeps its first `max_len − 2` tokens between `[CLS]` and
     /// `[SEP]`; shorter ones are padded with `[PAD]` (mask 0).
     pub fn encode_batch(&self, texts: &[String], max_len: usize) -> Result<(Tensor, Tensor)> {
+        self.encode_padded(texts, max_len, false)
+    }
+
+    /// As [`Self::encode_batch`], but padded only to the longest text of the batch (at most
+    /// `max_len`): the same outputs at a fraction of the cost, since the model masks padded
+    /// positions out (an additive −10000 that underflows to an exact zero weight).
+    pub fn encode_batch_longest(
+        &self,
+        texts: &[String],
+        max_len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        self.encode_padded(texts, max_len, true)
+    }
+
+    fn encode_padded(
+        &self,
+        texts: &[String],
+        max_len: usize,
+        to_longest: bool,
+    ) -> Result<(Tensor, Tensor)> {
         if max_len < 2 {
             return Err(err(format!(
                 "max_len {max_len} leaves no room for [CLS] and [SEP]"
@@ -106,6 +126,12 @@ impl Tokenizer {
             .inner
             .encode_batch(texts.iter().map(String::as_str).collect(), true)
             .map_err(err)?;
+        let max_len = if to_longest {
+            let longest = encodings.iter().map(|e| e.get_ids().len()).max();
+            longest.unwrap_or(2).clamp(2, max_len)
+        } else {
+            max_len
+        };
         let mut ids = vec![PAD_ID as i64; texts.len() * max_len];
         let mut mask = vec![0i64; texts.len() * max_len];
         for (row, enc) in encodings.iter().enumerate() {

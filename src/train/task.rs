@@ -99,7 +99,7 @@ impl TrainTask for DatasetTask {
         let target = Tensor::from_vec(targets, shape, &self.device)?;
         let (ids, mask) = self
             .tokenizer
-            .encode_batch(&captions, self.model.cfg.max_txt_len)?;
+            .encode_batch_longest(&captions, self.model.cfg.max_txt_len)?;
         Ok(TrainBatch {
             reference: LightInput::Pixels(reference.clone()),
             reference_vit: VitInput::Pixels(reference),
