@@ -4,6 +4,7 @@
 //! the gallery side (`model::vit`, `model::qformer`), the query side
 //! (`model::backbone`, `model::slots`), and the whole model (`model::slot4acir`).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

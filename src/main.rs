@@ -22,6 +22,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// Time the query path, the gallery path and a training step on random weights.
+    Bench(slot4acir::cli::bench::Args),
     /// Print the model configuration of a preset or file, with its parameter counts.
     Config(slot4acir::cli::config::Args),
     /// Encode images (gallery vectors, light tokens, slots) and, with texts, composed queries.
@@ -48,6 +50,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     slot4acir::cli::init_logging();
     match Cli::parse().command {
+        Command::Bench(a) => slot4acir::cli::bench::run(a),
         Command::Config(a) => slot4acir::cli::config::run(a),
         Command::Encode(a) => slot4acir::cli::encode::run(a),
         Command::LlmAugment(a) => slot4acir::cli::llm_augment::run(a),
