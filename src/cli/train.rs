@@ -325,7 +325,7 @@ pub fn train_run(
         )
     };
     // A resumed run has every key; a new one initializes what its files lack.
-    let store = ParamStore::new(source, name, Mode::Training, !resume);
+    let store = ParamStore::new(source, name, Mode::Training, !resume).seeded(args.seed);
     let model = Slot4ACir::new(cfg, store.var_builder(&device));
     store.finish()?;
     let model = Arc::new(model.context("building the model")?);

@@ -95,7 +95,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     let device = Device::cuda_if_available(0)?;
     // Both encoders frozen: their outputs are computed once (the bank).
     let store = ParamStore::new(source, pretrained.join(", "), Mode::Training, true)
-        .freeze("light_visual_encoder.");
+        .freeze("light_visual_encoder.")
+        .seeded(o.seed);
     let model = Slot4ACir::new(&cfg, store.var_builder(&device));
     store.finish()?;
     let model = model.context("building the demo model")?;
