@@ -52,6 +52,14 @@ impl ModelData {
         Ok(enc)
     }
 
+    /// Annotation reading for evaluation: the original captions, skips as `--skip-bad-images`.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            llm_sampler: false,
+            skip_bad: self.skip_bad_images,
+        }
+    }
+
     pub fn options(&self) -> EvalOptions {
         EvalOptions {
             batch_size: self.batch_size.max(1),
@@ -79,10 +87,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let root = args.model.root()?;
     let log = SkipLog::new(args.model.skip_bad_images);
-    let load = LoadOptions {
-        llm_sampler: false,
-        skip_bad: args.model.skip_bad_images,
-    };
+    let load = args.model.load_options();
     // Annotations first: a bad caption file fails before the model is loaded.
     let metrics = match args.dataset.as_str() {
         "cirr" => {

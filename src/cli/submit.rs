@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::eval::ModelData;
-use crate::data::{cirr, LoadOptions, SkipLog};
+use crate::data::{cirr, SkipLog};
 use crate::eval::driver;
 use crate::eval::submission::write_cirr_submission;
 
@@ -24,10 +24,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let root = args.model.root()?;
     let log = SkipLog::new(args.model.skip_bad_images);
-    let load = LoadOptions {
-        llm_sampler: false,
-        skip_bad: args.model.skip_bad_images,
-    };
+    let load = args.model.load_options();
     let mut ds = cirr::load(&root, cirr::CirrSplit::Test1, load, &log)?;
     ds.require_in_gallery(&log)?;
     let enc = args.model.encoder()?;

@@ -49,6 +49,7 @@ impl FeatureBank {
         let device = model.query_tokens.device().clone();
         let (mut row, mut vision, mut light) = (HashMap::new(), Vec::new(), Vec::new());
         let mut names = Vec::with_capacity(images.len());
+        let tenth = images.len().div_ceil(10).max(1);
         for chunk in images.chunks(batch.max(1)) {
             let paths: Vec<_> = chunk.iter().map(|g| g.path.clone()).collect();
             let loaded = load_batch(&paths, &Transform::default(), size)?;
@@ -72,7 +73,6 @@ impl FeatureBank {
             pb.inc(chunk.len() as u64);
             // Without a terminal the bar is not drawn: log about every tenth of the images.
             let done = names.len();
-            let tenth = images.len().div_ceil(10).max(1);
             if progress && !tty && done / tenth != (done - chunk.len()) / tenth {
                 tracing::info!("encoded {done}/{} images", images.len());
             }
@@ -105,10 +105,13 @@ impl FeatureBank {
     /// The bank saved at `path` if it was computed under `key` (the same images and encoders);
     /// `None` when there is none or it is stale. A damaged file is an error naming it.
     pub fn load(path: &Path, key: &str) -> Result<Option<Self>> {
-        if !path.is_file() || read_metadata(path)?.get("key").map(String::as_str) != Some(key) {
+        if !path.is_file() {
             return Ok(None);
         }
         let meta = read_metadata(path)?;
+        if meta.get("key").map(String::as_str) != Some(key) {
+            return Ok(None);
+        }
         let names: Vec<String> = serde_json::from_str(meta.get("names").map_or("", |s| s))
             .with_context(|| format!("{}: the image names are unreadable", path.display()))?;
         let mut t = load_state_dict(path)?;
@@ -157,7 +160,18 @@ impl FeatureBank {
                     .with_context(|| format!("image {n} was not encoded"))
             })
             .collect::<Result<_>>()?;
-        Ok(Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?)
+        let n = idx.len();
+        Ok(Tensor::from_vec(idx, n, &Device::Cpu)?)
+    }
+
+    /// The rows of `all` (vision or light) of the named images, on `device`.
+    fn select<'a>(
+        &self,
+        all: &Tensor,
+        names: impl IntoIterator<Item = &'a str>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Ok(all.index_select(&self.rows(names)?, 0)?.to_device(device)?)
     }
 
     /// Image tokens (B,T,W) of the named images, on `device`.
@@ -166,10 +180,7 @@ impl FeatureBank {
         names: impl IntoIterator<Item = &'a str>,
         device: &Device,
     ) -> Result<Tensor> {
-        Ok(self
-            .vision
-            .index_select(&self.rows(names)?, 0)?
-            .to_device(device)?)
+        self.select(&self.vision, names, device)
     }
 
     /// Light tokens (B,t,C) of the named images, on `device`.
@@ -178,9 +189,6 @@ impl FeatureBank {
         names: impl IntoIterator<Item = &'a str>,
         device: &Device,
     ) -> Result<Tensor> {
-        Ok(self
-            .light
-            .index_select(&self.rows(names)?, 0)?
-            .to_device(device)?)
+        self.select(&self.light, names, device)
     }
 }

@@ -161,7 +161,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
         train: &train,
         val: &val,
         weights: o.loss,
-        tokenizer: Tokenizer::bert_uncased()?,
+        tokenizer: &tokenizer,
         device: device.clone(),
     };
     let tcfg = TrainerConfig {
@@ -265,8 +265,8 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     })
 }
 
-/// What the encoded images depend on: the configuration, the pretrained files and every
-/// image's bytes, in order.
+/// What the encoded images depend on: the encoders' configuration, the pretrained files and
+/// every image's bytes, in order.
 fn bank_key(cfg: &ModelConfig, pretrained: &[String], datasets: &[&Dataset]) -> Result<String> {
     let mut h = blake3::Hasher::new();
     // Only what the frozen encoders' outputs depend on.
@@ -393,7 +393,6 @@ fn report_run(
         p.strip_prefix(out).unwrap_or(&p).display().to_string()
     };
     let mut queries = Vec::new();
-    let mut k = 0;
     split.for_each_scores(64, |qi, scores| {
         if samples.contains(&split.queries[qi]) {
             let t = &ds.triplets[split.queries[qi]];
@@ -408,7 +407,6 @@ fn report_run(
                     .collect(),
             });
         }
-        k += 1;
         Ok(())
     })?;
     Ok(ReportRun {

@@ -25,7 +25,7 @@ pub struct BankTask<'a> {
     pub train: &'a Dataset,
     pub val: &'a Dataset,
     pub weights: LossWeights,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: &'a Tokenizer,
     pub device: Device,
 }
 
@@ -79,7 +79,7 @@ impl TrainTask for BankTask<'_> {
     }
 
     fn validate(&self) -> Result<Validation> {
-        let split = encode_from_bank(self.model, self.bank, self.val, &self.tokenizer, 64)?;
+        let split = encode_from_bank(self.model, self.bank, self.val, self.tokenizer, 64)?;
         let m = cirr_val_metrics(&split, self.val, &EvalOptions::default())?;
         Ok(Validation {
             metrics: m.0,
