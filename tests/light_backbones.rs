@@ -67,19 +67,83 @@ fn sensitivity(enc: &dyn LightEncoder, x: &Tensor, out: &Tensor) -> Vec<f64> {
         .collect()
 }
 
+/// The smallest relative distance to `want` (sample `i`'s tokens) among the float64 run and
+/// float32 runs on 40 inputs within 1e-7 of `x`.
+fn nearest_outcome(fx: &Fixture, x: &Tensor, i: usize, want: &Tensor, as_tokens: bool) -> f64 {
+    use candle_core::DType;
+    let tokens = |f: Tensor| {
+        let (b, c, h, w) = f.dims4().unwrap();
+        let f = if as_tokens {
+            f.reshape((b, h * w, c)).unwrap()
+        } else {
+            f
+        };
+        f.get(i).unwrap()
+    };
+    let f64_weights = fx
+        .weights
+        .iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::F32 {
+                v.to_dtype(DType::F64).unwrap()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let store = ParamStore::new(f64_weights, "float64", Mode::Inference, false);
+    let enc64 = backbone::build(
+        fx.kind,
+        store.var_builder_as(DType::F64, &Device::Cpu).pp(PREFIX),
+    )
+    .unwrap();
+    let f64_out = enc64
+        .extract_features(&x.to_dtype(DType::F64).unwrap(), false)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (_, enc) = build(fx.weights.clone(), fx.kind, Mode::Inference);
+    let n = x.elem_count() as u32;
+    let mut best = common::rel_err(&tokens(f64_out), want);
+    for k in 0..40 {
+        let wave = Tensor::arange(0u32, n, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| {
+                t.affine(0.37 + 0.113 * k as f64, k as f64)?
+                    .sin()?
+                    .reshape(x.shape())
+            })
+            .unwrap();
+        let moved = (x + (wave * 1e-7).unwrap()).unwrap();
+        let out = enc.extract_features(&moved, false).unwrap();
+        best = best.min(common::rel_err(&tokens(out), want));
+    }
+    best
+}
+
 /// Eval-mode features of the reference images, and the (B, h·w, C) tokens of the targets.
 ///
-/// `conditioned_only`: compare sample by sample, only where the computation is well
-/// conditioned. The EfficientViT fixture has random weights with BatchNorm running statistics
-/// that do not normalize, so in eval mode its activations grow to ~1e12 and its attention
-/// logits to ~1e23: softmax is an argmax, and for some images a near tie makes the output jump
-/// (by up to 80%) under a 1e-7 change of the input, i.e. under any change of float32
-/// summation order. No float32 implementation can reproduce those samples, the reference on
-/// other hardware included; training mode (batch statistics) is well conditioned and is
-/// checked on every sample by `train_bn_parity`.
+/// `conditioned_only`: compare sample by sample; where the computation is ill conditioned, ask
+/// only that the reference's output be one our implementation also produces. The EfficientViT
+/// fixture has random weights with BatchNorm running statistics that do not normalize, so in
+/// eval mode its activations grow to ~1e12 and its attention logits to ~1e23: softmax is an
+/// argmax, and for some images a near tie makes the output jump (by up to 80%) under a 1e-7
+/// change of the input, i.e. under any change of float32 summation order. For those samples the
+/// float64 run and 40 inputs within 1e-7 of the fixture's are tried: one of them must land within
+/// 2e-4 of the reference (on the fixture, target 3 is matched by float64 to 2.6e-5 while float32
+/// is 84% off, and target 0 the other way round). Training mode (batch statistics) is well
+/// conditioned and is checked on every sample by `train_bn_parity`.
 fn eval_parity(name: &str, channels: usize, side: usize, conditioned_only: bool) {
     let fx = load(name);
-    let (_, enc) = build(fx.weights, fx.kind, Mode::Inference);
+    // Built for inference: BatchNorm folded into the convolutions; the unfolded encoder (the
+    // training build, in eval mode) must give the same features where they are well conditioned.
+    let (_, enc) = build(fx.weights.clone(), fx.kind, Mode::Inference);
+    let (_, unfolded) = build(fx.weights.clone(), fx.kind, Mode::Training);
+    assert!(
+        enc.is_fused() && !unfolded.is_fused(),
+        "{name}: BatchNorm folding"
+    );
     assert_eq!(enc.out_channels(), channels);
     for (input, key) in [
         ("reference_images", "light_feature_map"),
@@ -99,6 +163,12 @@ fn eval_parity(name: &str, channels: usize, side: usize, conditioned_only: bool)
         let what = format!("{name} {key}");
         if !conditioned_only {
             check(&what, &got, want);
+            let plain = unfolded.extract_features(x, false).unwrap();
+            check(
+                &format!("{what} unfolded"),
+                &plain.reshape(got.shape()).unwrap(),
+                want,
+            );
             continue;
         }
         assert_eq!(got.dims(), want.dims(), "{what}: shape");
@@ -106,8 +176,20 @@ fn eval_parity(name: &str, channels: usize, side: usize, conditioned_only: bool)
         for (i, s) in sensitivity(enc.as_ref(), x, &f).into_iter().enumerate() {
             let err = common::rel_err(&got.get(i).unwrap(), &want.get(i).unwrap());
             if s > TOL {
+                let best = nearest_outcome(
+                    &fx,
+                    x,
+                    i,
+                    &want.get(i).unwrap(),
+                    key == "target_light_tokens",
+                );
                 println!(
-                    "{what}[{i}]: ill-conditioned (moves {s:.1e}), error {err:.1e} not asserted"
+                    "{what}[{i}]: ill-conditioned (moves {s:.1e}), error {err:.1e}; \
+                     nearest of float64 and 40 nearby inputs {best:.1e}"
+                );
+                assert!(
+                    best < 2e-4,
+                    "{what}[{i}]: no nearby outcome within 2e-4 ({best:.1e})"
                 );
                 continue;
             }

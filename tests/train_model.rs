@@ -34,6 +34,9 @@ impl LightEncoder for TinyEncoder {
     fn out_channels(&self) -> usize {
         16
     }
+    fn is_fused(&self) -> bool {
+        false
+    }
 }
 
 fn tiny_config() -> ModelConfig {

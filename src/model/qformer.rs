@@ -8,7 +8,7 @@
 //! - joint: queries + text × image, queries and text attending to each other (`joint`),
 //! - text-only with a prefix of slot/anchor embeddings and a mask (`text_with_prefix`).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::layers::{dropout, softmax_last_dim, LayerNorm};
@@ -276,7 +276,7 @@ impl QFormer {
                         m.dims()
                     );
                 }
-                let m = m.to_dtype(DType::F32)?;
+                let m = m.to_dtype(x.dtype())?;
                 Some(m.affine(10000.0, -10000.0)?.reshape((b, 1, 1, len))?)
             }
             None => None,

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::backbone::{self, LightEncoder};
@@ -289,7 +289,7 @@ impl Slot4ACir {
         train: bool,
     ) -> Result<Tensor> {
         let p = prefix.dim(1)?;
-        let mask = Tensor::cat(&[prefix_mask, &attention_mask.to_dtype(DType::F32)?], 1)?;
+        let mask = Tensor::cat(&[prefix_mask, &attention_mask.to_dtype(prefix.dtype())?], 1)?;
         let out = self
             .qformer
             .text_with_prefix(prefix, input_ids, &mask, train)?;
@@ -320,7 +320,7 @@ impl Slot4ACir {
         self.check_text(b, input_ids, attention_mask)?;
         let prefix_mask = match &slots.keep_mask {
             Some(m) => m.clone(),
-            None => Tensor::ones((b, s), DType::F32, slots.slots.device())?,
+            None => Tensor::ones((b, s), slots.slots.dtype(), slots.slots.device())?,
         };
         self.composed(&slots.slots, &prefix_mask, input_ids, attention_mask, train)
     }
@@ -393,8 +393,11 @@ impl Slot4ACir {
         let reference = self.embeds_of(&batch.reference_vit)?;
         let queries = self.expanded_query_tokens(b)?;
         let nq = queries.dim(1)?;
-        let ones = Tensor::ones((b, nq), DType::F32, tokens.device())?;
-        let mask = Tensor::cat(&[&ones, &batch.attention_mask.to_dtype(DType::F32)?], 1)?;
+        let ones = Tensor::ones((b, nq), queries.dtype(), tokens.device())?;
+        let mask = Tensor::cat(
+            &[&ones, &batch.attention_mask.to_dtype(queries.dtype())?],
+            1,
+        )?;
         let joint = self
             .qformer
             .joint(&queries, &batch.input_ids, &mask, &reference, train)?;

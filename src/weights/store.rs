@@ -109,8 +109,13 @@ impl ParamStore {
 
     /// A `VarBuilder` whose requests go through this store (float32 on `device`).
     pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        self.var_builder_as(DType::F32, device)
+    }
+
+    /// The same in another float type (float64 checks how well a result is conditioned).
+    pub fn var_builder_as(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(self.clone());
-        VarBuilder::from_backend(backend, DType::F32, device.clone())
+        VarBuilder::from_backend(backend, dtype, device.clone())
     }
 
     /// A frozen module's BatchNorm statistics are frozen too (it only runs in eval mode), so

@@ -422,11 +422,6 @@ impl EfficientNet {
         self.blocks.len()
     }
 
-    /// Whether the eval-mode forward runs with BatchNorm folded into the convolutions.
-    pub fn is_fused(&self) -> bool {
-        self.stem.is_fused()
-    }
-
     /// ImageNet logits (B,1000) in eval mode: features, global average pooling, `_fc`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let fc = self.fc.as_ref().ok_or_else(|| {
@@ -448,6 +443,10 @@ impl LightEncoder for EfficientNet {
 
     fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    fn is_fused(&self) -> bool {
+        self.stem.is_fused()
     }
 }
 

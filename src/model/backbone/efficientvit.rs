@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::LightEncoder;
-use crate::model::layers::{BatchNorm, Conv2d, Padding};
+use crate::model::layers::{self, BatchNorm, Conv2d, Padding};
 
 /// PyTorch `BatchNorm2d` defaults.
 const BN_EPS: f64 = 1e-5;
@@ -53,11 +53,9 @@ impl EfficientVitConfig {
     }
 }
 
-/// `Conv2d_BN`: a bias-free convolution (`c`) and its BatchNorm (`bn`).
-struct ConvBn {
-    c: Conv2d,
-    bn: BatchNorm,
-}
+/// `Conv2d_BN`: a bias-free convolution (`c`) and its BatchNorm (`bn`), folded together for
+/// inference when the weights are frozen (exact in eval mode).
+struct ConvBn(layers::ConvBn);
 
 impl ConvBn {
     #[allow(clippy::too_many_arguments)]
@@ -70,19 +68,18 @@ impl ConvBn {
         pad: usize,
         groups: usize,
     ) -> Result<Self> {
-        Ok(Self {
-            c: Conv2d::new(
-                vb.pp("c"),
-                a,
-                b,
-                ks,
-                stride,
-                Padding::Symmetric(pad),
-                groups,
-                false,
-            )?,
-            bn: BatchNorm::new(vb.pp("bn"), b, BN_EPS, BN_MOMENTUM)?,
-        })
+        let c = Conv2d::new(
+            vb.pp("c"),
+            a,
+            b,
+            ks,
+            stride,
+            Padding::Symmetric(pad),
+            groups,
+            false,
+        )?;
+        let bn = BatchNorm::new(vb.pp("bn"), b, BN_EPS, BN_MOMENTUM)?;
+        Ok(Self(layers::ConvBn::new(c, bn, true)?))
     }
 
     fn pointwise(vb: VarBuilder, a: usize, b: usize) -> Result<Self> {
@@ -95,7 +92,7 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.c.forward(x)?, train)
+        self.0.forward_t(x, train)
     }
 }
 
@@ -495,6 +492,10 @@ impl LightEncoder for EfficientVit {
 
     fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    fn is_fused(&self) -> bool {
+        self.patch_embed[0].0.is_fused()
     }
 }
 

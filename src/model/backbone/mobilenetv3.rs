@@ -9,7 +9,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::LightEncoder;
-use crate::model::layers::{BatchNorm, Conv2d, Padding};
+use crate::model::layers::{BatchNorm, Conv2d, ConvBn, Padding};
 
 /// PyTorch `BatchNorm2d` defaults.
 const BN_EPS: f64 = 1e-5;
@@ -109,10 +109,25 @@ fn conv(
     )
 }
 
+/// A bias-free convolution at `vb.pp(c)` and its BatchNorm at `vb.pp(b)`, folded together for
+/// inference when the weights are frozen (exact in eval mode).
+fn conv_bn(
+    vb: &VarBuilder,
+    c: &str,
+    b: &str,
+    spec: (usize, usize, usize, usize, usize),
+) -> Result<ConvBn> {
+    let (i, o, k, stride, groups) = spec;
+    ConvBn::new(
+        conv(vb.pp(c), i, o, k, stride, groups)?,
+        bn(vb.pp(b), o)?,
+        true,
+    )
+}
+
 /// `se.se = Sequential(AdaptiveAvgPool2d(1), Conv1x1, BN, ReLU, Conv1x1, Hardsigmoid)`.
 struct SeModule {
-    reduce: Conv2d,
-    bn: BatchNorm,
+    reduce: ConvBn,
     expand: Conv2d,
 }
 
@@ -120,18 +135,14 @@ impl SeModule {
     fn new(vb: VarBuilder, c: usize) -> Result<Self> {
         let mid = (c / 4).max(8);
         Ok(Self {
-            reduce: conv(vb.pp("1"), c, mid, 1, 1, 1)?,
-            bn: bn(vb.pp("2"), mid)?,
+            reduce: conv_bn(&vb, "1", "2", (c, mid, 1, 1, 1))?,
             expand: conv(vb.pp("4"), mid, c, 1, 1, 1)?,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let s = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
-        let s = self
-            .bn
-            .forward_t(&self.reduce.forward(&s)?, train)?
-            .relu()?;
+        let s = self.reduce.forward_t(&s, train)?.relu()?;
         let s = hardsigmoid(&self.expand.forward(&s)?)?;
         x.broadcast_mul(&s)
     }
@@ -141,24 +152,26 @@ impl SeModule {
 enum Skip {
     Identity,
     /// stride 1, channels change: 1×1 conv, BN.
-    Pointwise(Conv2d, BatchNorm),
+    Pointwise(ConvBn),
     /// stride 2, same channels: depthwise 3×3 stride-2 conv, BN.
-    Depthwise(Conv2d, BatchNorm),
+    Depthwise(ConvBn),
     /// stride 2, channels change: depthwise 3×3 stride-2 conv, BN, 1×1 conv with bias, BN.
-    DepthwisePointwise(Conv2d, BatchNorm, Conv2d, BatchNorm),
+    DepthwisePointwise(ConvBn, ConvBn),
 }
 
 impl Skip {
     fn new(vb: VarBuilder, i: usize, o: usize, stride: usize) -> Result<Self> {
         Ok(match (stride, i == o) {
             (1, true) => Skip::Identity,
-            (1, false) => Skip::Pointwise(conv(vb.pp("0"), i, o, 1, 1, 1)?, bn(vb.pp("1"), o)?),
-            (_, true) => Skip::Depthwise(conv(vb.pp("0"), i, i, 3, stride, i)?, bn(vb.pp("1"), i)?),
+            (1, false) => Skip::Pointwise(conv_bn(&vb, "0", "1", (i, o, 1, 1, 1))?),
+            (_, true) => Skip::Depthwise(conv_bn(&vb, "0", "1", (i, i, 3, stride, i))?),
             (_, false) => Skip::DepthwisePointwise(
-                conv(vb.pp("0"), i, i, 3, stride, i)?,
-                bn(vb.pp("1"), i)?,
-                Conv2d::new(vb.pp("2"), i, o, 1, 1, Padding::Symmetric(0), 1, true)?,
-                bn(vb.pp("3"), o)?,
+                conv_bn(&vb, "0", "1", (i, i, 3, stride, i))?,
+                ConvBn::new(
+                    Conv2d::new(vb.pp("2"), i, o, 1, 1, Padding::Symmetric(0), 1, true)?,
+                    bn(vb.pp("3"), o)?,
+                    true,
+                )?,
             ),
         })
     }
@@ -166,24 +179,18 @@ impl Skip {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Skip::Identity => Ok(x.clone()),
-            Skip::Pointwise(c, b) | Skip::Depthwise(c, b) => b.forward_t(&c.forward(x)?, train),
-            Skip::DepthwisePointwise(dw, b1, pw, b2) => {
-                let y = b1.forward_t(&dw.forward(x)?, train)?;
-                b2.forward_t(&pw.forward(&y)?, train)
-            }
+            Skip::Pointwise(c) | Skip::Depthwise(c) => c.forward_t(x, train),
+            Skip::DepthwisePointwise(dw, pw) => pw.forward_t(&dw.forward_t(x, train)?, train),
         }
     }
 }
 
 /// Expand (1×1) + depthwise + [SE] + project (1×1), then `act(out + skip)`.
 struct Block {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
+    expand: ConvBn,
+    depthwise: ConvBn,
     se: Option<SeModule>,
-    conv3: Conv2d,
-    bn3: BatchNorm,
+    project: ConvBn,
     act: Act,
     skip: Skip,
 }
@@ -192,33 +199,26 @@ impl Block {
     fn new(vb: VarBuilder, s: &BlockSpec) -> Result<Self> {
         let &BlockSpec(k, i, e, o, act, se, stride) = s;
         Ok(Self {
-            conv1: conv(vb.pp("conv1"), i, e, 1, 1, 1)?,
-            bn1: bn(vb.pp("bn1"), e)?,
-            conv2: conv(vb.pp("conv2"), e, e, k, stride, e)?,
-            bn2: bn(vb.pp("bn2"), e)?,
+            expand: conv_bn(&vb, "conv1", "bn1", (i, e, 1, 1, 1))?,
+            depthwise: conv_bn(&vb, "conv2", "bn2", (e, e, k, stride, e))?,
             se: if se {
                 Some(SeModule::new(vb.pp("se").pp("se"), e)?)
             } else {
                 None
             },
-            conv3: conv(vb.pp("conv3"), e, o, 1, 1, 1)?,
-            bn3: bn(vb.pp("bn3"), o)?,
+            project: conv_bn(&vb, "conv3", "bn3", (e, o, 1, 1, 1))?,
             act,
             skip: Skip::new(vb.pp("skip"), i, o, stride)?,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self
-            .act
-            .apply(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
-        let mut out = self
-            .act
-            .apply(&self.bn2.forward_t(&self.conv2.forward(&out)?, train)?)?;
+        let out = self.act.apply(&self.expand.forward_t(x, train)?)?;
+        let mut out = self.act.apply(&self.depthwise.forward_t(&out, train)?)?;
         if let Some(se) = &self.se {
             out = se.forward_t(&out, train)?;
         }
-        let out = self.bn3.forward_t(&self.conv3.forward(&out)?, train)?;
+        let out = self.project.forward_t(&out, train)?;
         self.act.apply(&(out + self.skip.forward_t(x, train)?)?)
     }
 }
@@ -234,11 +234,9 @@ struct Classifier {
 /// MobileNetV3 (xiaolai-sqlai naming: `conv1`, `bn1`, `bneck.N.*`, `conv2`, `bn2`, `linear3`,
 /// `bn3`, `linear4`).
 pub struct MobileNetV3 {
-    conv1: Conv2d,
-    bn1: BatchNorm,
+    stem: ConvBn,
     bneck: Vec<Block>,
-    conv2: Conv2d,
-    bn2: BatchNorm,
+    last: ConvBn,
     classifier: Classifier,
     out_channels: usize,
 }
@@ -260,11 +258,9 @@ impl MobileNetV3 {
             .map(|(n, s)| Block::new(vb.pp("bneck").pp(n.to_string()), s))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            conv1: conv(vb.pp("conv1"), 3, 16, 3, 2, 1)?,
-            bn1: bn(vb.pp("bn1"), 16)?,
+            stem: conv_bn(&vb, "conv1", "bn1", (3, 16, 3, 2, 1))?,
             bneck,
-            conv2: conv(vb.pp("conv2"), last_in, out_channels, 1, 1, 1)?,
-            bn2: bn(vb.pp("bn2"), out_channels)?,
+            last: conv_bn(&vb, "conv2", "bn2", (last_in, out_channels, 1, 1, 1))?,
             classifier: Classifier {
                 linear3: candle_nn::linear_no_bias(out_channels, 1280, vb.pp("linear3"))?,
                 bn3: bn(vb.pp("bn3"), 1280)?,
@@ -287,15 +283,19 @@ impl MobileNetV3 {
 impl LightEncoder for MobileNetV3 {
     /// Up to `hs2(bn2(conv2(...)))`: (B, 576 | 960, 7, 7) at 224.
     fn extract_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = hardswish(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let mut h = hardswish(&self.stem.forward_t(x, train)?)?;
         for block in &self.bneck {
             h = block.forward_t(&h, train)?;
         }
-        hardswish(&self.bn2.forward_t(&self.conv2.forward(&h)?, train)?)
+        hardswish(&self.last.forward_t(&h, train)?)
     }
 
     fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    fn is_fused(&self) -> bool {
+        self.stem.is_fused()
     }
 }
 

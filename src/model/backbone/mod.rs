@@ -23,6 +23,9 @@ pub trait LightEncoder: Send + Sync {
     fn extract_features(&self, x: &Tensor, train: bool) -> Result<Tensor>;
     /// C of the feature map.
     fn out_channels(&self) -> usize;
+    /// Whether the eval-mode forward runs with BatchNorm folded into the convolutions (frozen
+    /// weights, i.e. built for inference).
+    fn is_fused(&self) -> bool;
 }
 
 /// Builds the encoder `kind` from `vb` (rooted at the encoder, e.g. `vb.pp(PREFIX)`).
