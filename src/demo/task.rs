@@ -145,3 +145,107 @@ pub fn image_only_split(bank: &FeatureBank, ds: &Dataset) -> Result<EncodedSplit
         query_vectors: queries,
     })
 }
+
+/// Experimental: statistics of the pre-projection outputs and (when `apply`) removal of their
+/// common components from both projections.
+pub fn center_projections(
+    model: &Slot4ACir,
+    bank: &FeatureBank,
+    ds: &Dataset,
+    tokenizer: &Tokenizer,
+    apply: bool,
+) -> Result<()> {
+    use crate::model::qformer::token_at;
+    let device = model.query_tokens.device().clone();
+    let names: Vec<&str> = ds
+        .gallery
+        .iter()
+        .take(256)
+        .map(|g| g.name.as_str())
+        .collect();
+    let f = bank.vision_of(names.iter().copied(), &device)?;
+    let (b, q, _) = model
+        .query_tokens
+        .broadcast_as((
+            names.len(),
+            model.query_tokens.dim(1)?,
+            model.query_tokens.dim(2)?,
+        ))?
+        .dims3()?;
+    let queries = model
+        .query_tokens
+        .broadcast_as((b, q, model.query_tokens.dim(2)?))?;
+    let g = model
+        .qformer
+        .gallery(&queries, &model.ln_vision.forward(&f)?, false)?
+        .detach(); // (B,Q,H)
+    let c = g.mean(0)?; // (Q,H)
+    let dev_g = g
+        .broadcast_sub(&c.unsqueeze(0)?)?
+        .sqr()?
+        .sum_keepdim(2)?
+        .sqrt()?
+        .mean_all()?;
+    let norm_c = c.sqr()?.sum_keepdim(1)?.sqrt()?.mean_all()?;
+    let ts: Vec<_> = ds.triplets.iter().take(256).collect();
+    let tokens = bank.light_of(ts.iter().map(|t| t.reference.as_str()), &device)?;
+    let texts: Vec<String> = ts
+        .iter()
+        .map(|t| process_caption(&t.text.eval_caption()))
+        .collect();
+    let (ids, mask) = tokenizer.encode_batch_longest(&texts, model.cfg.max_txt_len)?;
+    let slots = model.slots(&tokens, false)?;
+    let s = slots.slots.dim(1)?;
+    let ones = Tensor::ones((ts.len(), s), DType::F32, &device)?;
+    let m = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32)?.to_device(&device)?], 1)?;
+    let out = model
+        .qformer
+        .text_with_prefix(&slots.slots, &ids.to_device(&device)?, &m, false)?;
+    let t = token_at(&out, s)?.detach(); // (N,H)
+    let mu = t.mean(0)?;
+    let dev_t = t
+        .broadcast_sub(&mu)?
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .mean_all()?;
+    tracing::info!(
+        "gallery: |common| {:.3} vs |spread| {:.3}; text: |common| {:.3} vs |spread| {:.3}",
+        norm_c.to_scalar::<f32>()?,
+        dev_g.to_scalar::<f32>()?,
+        mu.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
+        dev_t.to_scalar::<f32>()?
+    );
+    if !apply {
+        return Ok(());
+    }
+    // Orthonormal basis of the common directions (Gram-Schmidt), then W ← W(I − UUᵀ), b ← 0.
+    let h = mu.dim(0)?;
+    let mut basis: Vec<Vec<f32>> = Vec::new();
+    let mut cands: Vec<Vec<f32>> = c.to_vec2::<f32>()?;
+    cands.push(mu.to_vec1::<f32>()?);
+    for mut v in cands {
+        for u in &basis {
+            let d: f32 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(u).for_each(|(a, b)| *a -= d * b);
+        }
+        let n: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        if n > 1e-3 {
+            basis.push(v.iter().map(|a| a / n).collect());
+        }
+    }
+    let u = Tensor::from_vec(basis.concat(), (basis.len(), h), &device)?; // (K,H)
+    let p = (Tensor::eye(h, DType::F32, &device)? - u.t()?.matmul(&u)?)?;
+    for lin in [&model.vision_proj, &model.text_proj] {
+        let w = lin.weight();
+        candle_core::Var::from_tensor(w)?.set(&w.matmul(&p)?)?;
+        if let Some(bias) = lin.bias() {
+            candle_core::Var::from_tensor(bias)?.set(&bias.zeros_like()?)?;
+        }
+    }
+    tracing::info!(
+        "removed {} common directions from the projections",
+        basis.len()
+    );
+    Ok(())
+}

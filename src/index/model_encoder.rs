@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::encoder::Encoder;
 use super::format::{Index, Layout};
@@ -17,6 +17,7 @@ use crate::data::raster::decode;
 use crate::model::slot4acir::Slot4ACir;
 use crate::model::slots::KeepMode;
 use crate::text::{process_caption, Tokenizer};
+use crate::train::vit_cache::VitCache;
 use crate::weights::ParamStore;
 
 pub struct ModelEncoder {
@@ -29,6 +30,8 @@ pub struct ModelEncoder {
     layout: Layout,
     transform: Transform,
     device: Device,
+    /// The frozen ViT's outputs by image, when training keeps them.
+    vit_cache: Option<Arc<VitCache>>,
 }
 
 impl ModelEncoder {
@@ -68,6 +71,7 @@ impl ModelEncoder {
             layout,
             transform: Transform::default(),
             device,
+            vit_cache: None,
         })
     }
 
@@ -81,6 +85,12 @@ impl ModelEncoder {
 
     /// How adaptive models choose their slots at inference (the reference samples).
     /// Preprocessing of image files (default: TargetPad 1.25).
+    /// Gallery images through `cache` (the frozen ViT's outputs computed once).
+    pub fn with_vit_cache(mut self, cache: Option<Arc<VitCache>>) -> Self {
+        self.vit_cache = cache;
+        self
+    }
+
     pub fn with_transform(mut self, transform: Transform) -> Self {
         self.transform = transform;
         self
@@ -128,7 +138,14 @@ impl Encoder for ModelEncoder {
 
     fn encode_gallery(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
         let pixels = pixels.to_device(&self.device)?;
-        let vectors = self.model.gallery_feats(&pixels)?;
+        let vectors = match &self.vit_cache {
+            Some(cache) => {
+                let f = cache.features(&self.model, &pixels)?;
+                self.model
+                    .gallery_feats_from_embeds(&self.model.ln_vision.forward(&f)?)?
+            }
+            None => self.model.gallery_feats(&pixels)?,
+        };
         let tokens = self.model.light_tokens(&pixels, false)?;
         Ok((Self::to_cpu(vectors)?, Self::to_cpu(tokens)?))
     }

@@ -7,3 +7,4 @@ pub mod objective;
 pub mod optim;
 pub mod task;
 pub mod trainer;
+pub mod vit_cache;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use super::gradcache::{BatchContrastive, LossOutput};
 use super::objective::ModelObjective;
 use super::trainer::{TrainTask, Validation};
+use super::vit_cache::VitCache;
 use crate::data::preprocess::Transform;
 use crate::data::{Dataset, SkipLog};
 use crate::eval::driver::{self, EvalOptions};
@@ -38,6 +39,9 @@ pub struct DatasetTask {
     pub tokenizer: Tokenizer,
     pub eval: EvalOptions,
     pub device: Device,
+    /// The frozen ViT's outputs kept on disk (targets, the teacher's references and the
+    /// validation gallery); `None` runs the ViT every time.
+    pub vit_cache: Option<Arc<VitCache>>,
 }
 
 impl DatasetTask {
@@ -100,10 +104,20 @@ impl TrainTask for DatasetTask {
         let (ids, mask) = self
             .tokenizer
             .encode_batch_longest(&captions, self.model.cfg.max_txt_len)?;
+        let (reference_vit, target_vit) = match &self.vit_cache {
+            Some(cache) => (
+                VitInput::Features(cache.features(&self.model, &reference)?),
+                VitInput::Features(cache.features(&self.model, &target)?),
+            ),
+            None => (
+                VitInput::Pixels(reference.clone()),
+                VitInput::Pixels(target),
+            ),
+        };
         Ok(TrainBatch {
-            reference: LightInput::Pixels(reference.clone()),
-            reference_vit: VitInput::Pixels(reference),
-            target_vit: VitInput::Pixels(target),
+            reference: LightInput::Pixels(reference),
+            reference_vit,
+            target_vit,
             input_ids: ids.to_device(&self.device)?,
             attention_mask: mask.to_device(&self.device)?,
         })
@@ -114,7 +128,8 @@ impl TrainTask for DatasetTask {
             anyhow::bail!("no validation set was given");
         };
         let enc = ModelEncoder::from_model(self.model.clone(), self.store.clone())?
-            .with_transform(self.transform);
+            .with_transform(self.transform)
+            .with_vit_cache(self.vit_cache.clone());
         let log = SkipLog::new(false);
         let (metrics, primary) = match set {
             ValidationSet::Cirr(ds) => (

@@ -12,11 +12,19 @@ pub const UNFINGERPRINTED_PREFIXES: &[&str] = &["visual_encoder."];
 /// BLAKE3 over every (name, dtype, shape, values) of the state dict in name order, values as
 /// little-endian bytes; the first 16 bytes, in hex.
 pub fn fingerprint(state_dict: &BTreeMap<String, Tensor>) -> candle_core::Result<String> {
+    hash_tensors(
+        state_dict
+            .iter()
+            .filter(|(name, _)| !UNFINGERPRINTED_PREFIXES.iter().any(|p| name.starts_with(p))),
+    )
+}
+
+/// The same hash over exactly the given tensors, in the given order.
+pub fn hash_tensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+) -> candle_core::Result<String> {
     let mut h = blake3::Hasher::new();
-    for (name, t) in state_dict {
-        if UNFINGERPRINTED_PREFIXES.iter().any(|p| name.starts_with(p)) {
-            continue;
-        }
+    for (name, t) in tensors {
         h.update(name.as_bytes());
         h.update(&[0]);
         h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
