@@ -48,6 +48,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    slot4acir::cli::tune_allocator();
     slot4acir::cli::init_logging();
     match Cli::parse().command {
         Command::Bench(a) => slot4acir::cli::bench::run(a),

@@ -90,6 +90,7 @@ fn benchmark_has_the_cirr_layout_and_consistent_queries() {
         test_images: 20,
         test_queries: 10,
         variants: 6,
+        train_variants: 6,
         image_size: 48,
         seed: 1,
     };

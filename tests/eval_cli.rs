@@ -73,6 +73,7 @@ fn eval_and_submit_commands_on_a_small_cirr_benchmark() {
             test_images: 24,
             test_queries: 8,
             variants: 5,
+            train_variants: 5,
             image_size: 96,
             seed: 7,
         },

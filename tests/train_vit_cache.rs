@@ -230,6 +230,7 @@ fn training_with_the_float32_cache_equals_training_without() {
             test_images: 6,
             test_queries: 2,
             variants: 4,
+            train_variants: 4,
             image_size: 64,
             seed: 3,
         },

@@ -33,6 +33,9 @@ pub struct Args {
     pub val_images: usize,
     #[arg(long, default_value_t = 500)]
     pub val_queries: usize,
+    /// Edited variants per training scene (validation and test scenes have 20).
+    #[arg(long, default_value_t = 20)]
+    pub train_variants: usize,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     #[arg(long, default_value_t = 32)]
@@ -69,6 +72,7 @@ pub fn run(args: Args) -> Result<()> {
             train_triplets: args.train_triplets,
             val_images: args.val_images,
             val_queries: args.val_queries,
+            train_variants: args.train_variants,
             seed: args.seed,
             ..BenchmarkConfig::default()
         },

@@ -12,6 +12,17 @@ pub mod serve;
 pub mod submit;
 pub mod train;
 
+/// mimalloc's `mi_option_purge_delay` (its `mi_option_e` value in v2).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Lets mimalloc keep freed memory for a second before returning it to the kernel (default
+/// 10 ms). A training step frees and reallocates gigabytes of tensors; returned pages come back
+/// zeroed by the kernel on every step (`clear_page_erms` was 18% of a step's profile).
+pub fn tune_allocator() {
+    // SAFETY: setting a documented option; mimalloc reads it when it next purges.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -26,8 +26,10 @@ pub struct BenchmarkConfig {
     pub val_queries: usize,
     pub test_images: usize,
     pub test_queries: usize,
-    /// Edited variants per base scene.
+    /// Edited variants per base scene (validation and test).
     pub variants: usize,
+    /// Edited variants per base scene of the training split: fewer variants, more scenes.
+    pub train_variants: usize,
     /// Rendered image side in pixels.
     pub image_size: u32,
     pub seed: u64,
@@ -42,6 +44,7 @@ impl Default for BenchmarkConfig {
             test_images: 210,
             test_queries: 100,
             variants: 20,
+            train_variants: 20,
             image_size: 224,
             seed: 2025,
         }
@@ -106,6 +109,8 @@ struct SplitSpec<'a> {
     split: &'a str,
     min_images: usize,
     min_triplets: usize,
+    /// Variants per family.
+    variants: usize,
     /// Queries kept (all when `None`).
     queries: Option<usize>,
     with_target: bool,
@@ -124,7 +129,7 @@ fn write_split(
     let mut n_images = 0;
     let mut n_triplets = 0;
     while n_images < spec.min_images || n_triplets < spec.min_triplets {
-        let f = family(rng, lib.objects.len(), cfg.variants);
+        let f = family(rng, lib.objects.len(), spec.variants);
         n_images += f.members.len();
         n_triplets += 2 * f.edits.len();
         families.push(f);
@@ -223,7 +228,6 @@ pub fn build(
     cfg: &BenchmarkConfig,
 ) -> Result<BenchmarkSummary> {
     let root: PathBuf = data_root.join("CIRR");
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut pairid = 0;
     let splits = [
         SplitSpec {
@@ -231,6 +235,7 @@ pub fn build(
             split: "train",
             min_images: 0,
             min_triplets: cfg.train_triplets,
+            variants: cfg.train_variants,
             queries: None,
             with_target: true,
         },
@@ -239,6 +244,7 @@ pub fn build(
             split: "val",
             min_images: cfg.val_images,
             min_triplets: 0,
+            variants: cfg.variants,
             queries: Some(cfg.val_queries),
             with_target: true,
         },
@@ -247,12 +253,16 @@ pub fn build(
             split: "test1",
             min_images: cfg.test_images,
             min_triplets: 0,
+            variants: cfg.variants,
             queries: Some(cfg.test_queries),
             with_target: false,
         },
     ];
     let mut counts = Vec::new();
-    for spec in &splits {
+    for (k, spec) in splits.iter().enumerate() {
+        // Each split from its own stream: the training split's shape leaves val and test alone.
+        let mut rng =
+            StdRng::seed_from_u64(cfg.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         counts.push(write_split(&root, lib, cfg, spec, &mut rng, &mut pairid)?);
     }
     Ok(BenchmarkSummary {

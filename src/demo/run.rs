@@ -129,10 +129,6 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     let eval = EvalOptions::default();
     let samples = sample_queries(&val);
 
-    if let Ok(v) = std::env::var("SLOT4ACIR_CENTER") {
-        super::task::center_projections(&model, &bank, &train, &tokenizer, v == "1")?;
-        super::task::center_projections(&model, &bank, &train, &tokenizer, false)?;
-    }
     let image_only_split = image_only_split(&bank, &val)?;
     let image_only = cirr_val_metrics(&image_only_split, &val, &eval)?;
     let split = encode_from_bank(&model, &bank, &val, &tokenizer, 64)?;

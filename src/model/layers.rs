@@ -242,6 +242,56 @@ impl ConvBn {
     }
 }
 
+/// `nn.Linear`: y = x·Wᵀ + b over the last dimension. Leading dimensions are flattened into
+/// one matrix product; candle_nn's `Linear` broadcasts W over them instead, whose backward
+/// pass builds one weight-sized gradient per batch item before summing them.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(l: candle_nn::Linear) -> Self {
+        Self::new(l.weight().clone(), l.bias().cloned())
+    }
+}
+
+/// `candle_nn::linear` (its initialization) as this [`Linear`].
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(candle_nn::linear(in_dim, out_dim, vb)?.into())
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / inner.max(1);
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
 /// LayerNorm over the last dimension, PyTorch semantics (biased variance, `eps` inside the
 /// square root). Computed in two passes (mean, then centered variance): candle's fused kernel
 /// uses E[x²]−E[x]², which loses precision at eps 1e-12 and has no backward pass.
@@ -260,8 +310,9 @@ impl LayerNorm {
     }
 }
 
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl LayerNorm {
+    /// The composition of candle ops (any device or dtype; the fused kernel's reference).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -269,6 +320,17 @@ impl Module for LayerNorm {
             .broadcast_div(&(var + self.eps)?.sqrt()?)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+impl Module for LayerNorm {
+    /// The fused kernel (forward and backward) where it runs, else the composition.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::ops::layernorm::is_supported(x, &self.weight, &self.bias) {
+            crate::ops::layernorm::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else {
+            self.forward_composed(x)
+        }
     }
 }
 

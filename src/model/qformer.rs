@@ -8,8 +8,9 @@
 //! - joint: queries + text × image, queries and text attending to each other (`joint`),
 //! - text-only with a prefix of slot/anchor embeddings and a mask (`text_with_prefix`).
 
+use crate::model::layers::Linear;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use super::layers::{dropout, softmax_last_dim, LayerNorm};
 use crate::config::ModelConfig;

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
+use crate::model::layers::Linear;
 use anyhow::Context;
 use candle_core::{Device, Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use super::backbone::{self, LightEncoder};
 use super::layers::{l2_normalize, LayerNorm};

@@ -4,8 +4,9 @@
 
 use std::sync::Mutex;
 
+use crate::model::layers::Linear;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::layers::LayerNorm;

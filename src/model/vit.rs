@@ -6,9 +6,9 @@
 //! (`gamma_1`/`gamma_2`), exact-erf GELU MLP. No final norm.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
-use super::layers::{softmax_last_dim, LayerNorm};
+use super::layers::{self, softmax_last_dim, LayerNorm, Linear};
 use crate::config::ModelConfig;
 
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ impl Attention {
         let q_bias = vb.get_with_hints(width, "q_bias", Init::Const(0.0))?;
         let v_bias = vb.get_with_hints(width, "v_bias", Init::Const(0.0))?;
         let qkv_bias = Tensor::cat(&[&q_bias, &q_bias.zeros_like()?, &v_bias], 0)?;
-        let proj = candle_nn::linear(width, width, vb.pp("proj"))?;
+        let proj = layers::linear(width, width, vb.pp("proj"))?;
         Ok(Self {
             qkv_weight,
             qkv_bias,
@@ -80,8 +80,8 @@ impl Block {
             norm1: LayerNorm::new(vb.pp("norm1"), w, cfg.vit_ln_eps)?,
             attn: Attention::new(vb.pp("attn"), w, cfg.vit_heads)?,
             norm2: LayerNorm::new(vb.pp("norm2"), w, cfg.vit_ln_eps)?,
-            fc1: candle_nn::linear(w, hidden, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(hidden, w, vb.pp("mlp.fc2"))?,
+            fc1: layers::linear(w, hidden, vb.pp("mlp.fc1"))?,
+            fc2: layers::linear(hidden, w, vb.pp("mlp.fc2"))?,
             gamma_1: gamma("gamma_1")?,
             gamma_2: gamma("gamma_2")?,
         })

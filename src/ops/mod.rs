@@ -2,6 +2,7 @@
 
 pub mod batchnorm;
 pub mod depthwise;
+pub mod layernorm;
 
 use std::ops::{Add, AddAssign, Mul};
 

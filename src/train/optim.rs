@@ -187,14 +187,24 @@ impl InplaceOp2 for FusedStep<'_> {
         let step_size = (self.lr / (1.0 - self.beta1.powi(t))) as f32;
         let bc2_sqrt = (1.0 - self.cfg.beta2.powi(t)).sqrt() as f32;
         let eps = self.cfg.eps as f32;
-        for i in 0..p.len() {
-            let gi = g[i];
-            // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-            m[i] += (1.0 - b1) * (gi - m[i]);
-            v[i] = v[i] * b2 + (1.0 - b2) * gi * gi;
-            let denom = v[i].sqrt() / bc2_sqrt + eps;
-            p[i] = p[i] * decay - step_size * (m[i] / denom);
-        }
+        let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+                m[i] += (1.0 - b1) * (gi - m[i]);
+                v[i] = v[i] * b2 + (1.0 - b2) * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] = p[i] * decay - step_size * (m[i] / denom);
+            }
+        };
+        // Element-wise, so chunks run on all threads with the same results.
+        const CHUNK: usize = 1 << 16;
+        use rayon::prelude::*;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| update(p, g, m, v));
         Ok(())
     }
 }
