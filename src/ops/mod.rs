@@ -3,6 +3,7 @@
 pub mod batchnorm;
 pub mod depthwise;
 pub mod layernorm;
+pub mod silu;
 
 use std::ops::{Add, AddAssign, Mul};
 

@@ -145,6 +145,7 @@ enum Activation {
 impl Activation {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Swish if crate::ops::silu::is_supported(x) => crate::ops::silu::silu(x),
             Self::Swish => x.silu(),
             Self::Relu6 => x.relu()?.minimum(6f32),
         }
