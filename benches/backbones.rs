@@ -28,7 +28,11 @@ struct Args {
     bench: bool,
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
+    slot4acir::cli::tune_allocator();
     let args = Args::parse();
     let dev = Device::Cpu;
     println!(

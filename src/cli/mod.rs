@@ -18,7 +18,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Lets mimalloc keep freed memory for a second before returning it to the kernel (default
 /// 10 ms). A training step frees and reallocates gigabytes of tensors; returned pages come back
 /// zeroed by the kernel on every step (`clear_page_erms` was 18% of a step's profile).
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
 pub fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: setting a documented option; mimalloc reads it when it next purges.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
 }
