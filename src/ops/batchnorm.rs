@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::Elem;
+use super::{contiguous, Elem};
 
 /// Output of [`batch_norm_train`].
 pub struct BatchNormTrain {
@@ -115,12 +115,6 @@ struct Stats {
     inv_std: Vec<f64>,
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    l.contiguous_offsets()
-        .map(|(a, b)| &v[a..b])
-        .ok_or_else(|| Error::Msg("batch norm: inputs must be contiguous".into()))
-}
-
 /// The planes of channel `c`: `b` runs of `s` values.
 fn planes<T>(x: &[T], d: Dims, c: usize) -> impl Iterator<Item = &[T]> {
     (0..d.b).map(move |b| &x[(b * d.c + c) * d.s..(b * d.c + c + 1) * d.s])
@@ -165,11 +159,11 @@ macro_rules! float_storage {
     ($s:expr, $l:expr, |$v:ident| $body:expr) => {
         match $s {
             CpuStorage::F32(v) => {
-                let $v = contiguous(v, $l)?;
+                let $v = contiguous(v, $l, "batch norm")?;
                 $body
             }
             CpuStorage::F64(v) => {
-                let $v = contiguous(v, $l)?;
+                let $v = contiguous(v, $l, "batch norm")?;
                 $body
             }
             _ => return Err(Error::Msg("batch norm: float32 or float64 expected".into())),
@@ -212,14 +206,14 @@ impl CustomOp3 for Forward {
         };
         let out = match s1 {
             CpuStorage::F32(v) => {
-                let x = contiguous(v, l1)?;
+                let x = contiguous(v, l1, "batch norm")?;
                 let st = stats(x, d, self.eps);
                 let (a, b) = run(&st);
                 *self.stats.lock().unwrap() = Some(st);
                 CpuStorage::F32(affine(x, d, &a, &b))
             }
             CpuStorage::F64(v) => {
-                let x = contiguous(v, l1)?;
+                let x = contiguous(v, l1, "batch norm")?;
                 let st = stats(x, d, self.eps);
                 let (a, b) = run(&st);
                 *self.stats.lock().unwrap() = Some(st);
@@ -296,12 +290,18 @@ impl CustomOp2 for GradSums {
             out
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(sums(contiguous(x, l1)?, contiguous(g, l2)?, d, st))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(sums(contiguous(x, l1)?, contiguous(g, l2)?, d, st))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(sums(
+                contiguous(x, l1, "batch norm")?,
+                contiguous(g, l2, "batch norm")?,
+                d,
+                st,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(sums(
+                contiguous(x, l1, "batch norm")?,
+                contiguous(g, l2, "batch norm")?,
+                d,
+                st,
+            )),
             _ => return Err(Error::Msg("batch norm: float32 or float64 expected".into())),
         };
         Ok((out, Shape::from((2, d.c))))
@@ -354,12 +354,22 @@ impl CustomOp3 for GradInput {
             dx
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(apply(contiguous(x, l1)?, contiguous(g, l2)?, d, &k, &a, &b))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(apply(contiguous(x, l1)?, contiguous(g, l2)?, d, &k, &a, &b))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(apply(
+                contiguous(x, l1, "batch norm")?,
+                contiguous(g, l2, "batch norm")?,
+                d,
+                &k,
+                &a,
+                &b,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(apply(
+                contiguous(x, l1, "batch norm")?,
+                contiguous(g, l2, "batch norm")?,
+                d,
+                &k,
+                &a,
+                &b,
+            )),
             _ => return Err(Error::Msg("batch norm: float32 or float64 expected".into())),
         };
         Ok((out, l1.shape().clone()))

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::Elem;
+use super::{contiguous, Elem};
 
 /// Whether the fused kernel handles this input (CPU, float32/64, parameters of its dtype).
 pub fn is_supported(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
@@ -103,12 +103,6 @@ fn backward<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Ve
     (dx, cast(dw), cast(db))
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    l.contiguous_offsets()
-        .map(|(a, b)| &v[a..b])
-        .ok_or_else(|| Error::Msg("layer norm: inputs must be contiguous".into()))
-}
-
 struct Forward {
     eps: f64,
 }
@@ -128,12 +122,22 @@ impl CustomOp3 for Forward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
-                forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
-                forward(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(
+                    contiguous(x, l1, "layer norm")?,
+                    contiguous(w, l2, "layer norm")?,
+                    contiguous(b, l3, "layer norm")?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(
+                    contiguous(x, l1, "layer norm")?,
+                    contiguous(w, l2, "layer norm")?,
+                    contiguous(b, l3, "layer norm")?,
+                    self.eps,
+                ))
+            }
             _ => {
                 return Err(Error::Msg(
                     "layer norm: float32 or float64 of one dtype".into(),

@@ -7,7 +7,7 @@ pub mod silu;
 
 use std::ops::{Add, AddAssign, Mul};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Error, Layout, Result, Tensor};
 
 pub use depthwise::Pads;
 
@@ -52,6 +52,13 @@ pub fn conv2d_padded(
     }
     let x = x.pad_with_zeros(2, t, bo)?.pad_with_zeros(3, l, r)?;
     x.conv2d(w, 0, stride, 1, groups)
+}
+
+/// The contiguous slice of a custom op's input; `op` names the kernel in the error.
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str) -> Result<&'a [T]> {
+    l.contiguous_offsets()
+        .map(|(a, b)| &v[a..b])
+        .ok_or_else(|| Error::Msg(format!("{op}: inputs must be contiguous")))
 }
 
 /// Element types of the kernels.

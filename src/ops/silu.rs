@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 /// Whether the fused kernel handles this input (CPU, float32/64).
 pub fn is_supported(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -97,12 +99,6 @@ fn map_grad<T: Sigmoid + Default>(x: &[T], g: &[T]) -> Vec<T> {
     d
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    l.contiguous_offsets()
-        .map(|(a, b)| &v[a..b])
-        .ok_or_else(|| Error::Msg("silu: input must be contiguous".into()))
-}
-
 struct Silu;
 
 impl CustomOp1 for Silu {
@@ -112,8 +108,8 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(map(slice(v, l)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(map(slice(v, l)?)),
+            CpuStorage::F32(v) => CpuStorage::F32(map(contiguous(v, l, "silu")?)),
+            CpuStorage::F64(v) => CpuStorage::F64(map(contiguous(v, l, "silu")?)),
             _ => return Err(Error::Msg("silu: float32 or float64 expected".into())),
         };
         Ok((out, l.shape().clone()))
@@ -139,12 +135,14 @@ impl CustomOp2 for SiluGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(map_grad(slice(x, l1)?, slice(g, l2)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(map_grad(slice(x, l1)?, slice(g, l2)?))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(map_grad(
+                contiguous(x, l1, "silu")?,
+                contiguous(g, l2, "silu")?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(map_grad(
+                contiguous(x, l1, "silu")?,
+                contiguous(g, l2, "silu")?,
+            )),
             _ => {
                 return Err(Error::Msg(
                     "silu backward: float32 or float64 expected".into(),
