@@ -38,7 +38,10 @@ pub struct Args {
     pub train_variants: usize,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    /// Triplets per step. At 32 the contrastive loss can sit at ln 32 through the first epoch
+    /// (it did on the default benchmark); at 8 it leaves ln 8 within the first epoch and every
+    /// validation figure ends higher (R_s@1 28.2 against 18.8, R@10 2.84 against 0.38).
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Peak learning rate. The Q-Former starts from a sentence encoder whose `[CLS]` output
     /// hardly depends on its input, so the contrastive loss sits at ln(batch) for a while;
