@@ -80,18 +80,7 @@ fn nearest_outcome(fx: &Fixture, x: &Tensor, i: usize, want: &Tensor, as_tokens:
         };
         f.get(i).unwrap()
     };
-    let f64_weights = fx
-        .weights
-        .iter()
-        .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 {
-                v.to_dtype(DType::F64).unwrap()
-            } else {
-                v.clone()
-            };
-            (k.clone(), v)
-        })
-        .collect();
+    let f64_weights = common::to_f64(&fx.weights);
     let store = ParamStore::new(f64_weights, "float64", Mode::Inference, false);
     let enc64 = backbone::build(
         fx.kind,

@@ -287,17 +287,7 @@ fn full_model(name: &'static str, train: bool) {
 fn eval_loss_f64(fx: &Fixture, weights: HashMap<String, Tensor>) -> (f64, ParamStore, Tensor) {
     use candle_core::DType;
     let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let weights = weights
-        .into_iter()
-        .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 {
-                f64_of(&v)
-            } else {
-                v
-            };
-            (k, v)
-        })
-        .collect();
+    let weights = common::to_f64(&weights);
     let store = ParamStore::new(weights, fx.name, Mode::Training, false);
     let mut model =
         Slot4ACir::new(&fx.cfg, store.var_builder_as(DType::F64, &Device::Cpu)).unwrap();

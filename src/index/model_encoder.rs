@@ -83,19 +83,19 @@ impl ModelEncoder {
         Self::load(&cfg, weights)
     }
 
-    /// How adaptive models choose their slots at inference (the reference samples).
-    /// Preprocessing of image files (default: TargetPad 1.25).
     /// Gallery images through `cache` (the frozen ViT's outputs computed once).
     pub fn with_vit_cache(mut self, cache: Option<Arc<VitCache>>) -> Self {
         self.vit_cache = cache;
         self
     }
 
+    /// Preprocessing of image files (default: TargetPad 1.25).
     pub fn with_transform(mut self, transform: Transform) -> Self {
         self.transform = transform;
         self
     }
 
+    /// How adaptive models choose their slots at inference (the reference samples).
     /// Has no effect on a model shared with another owner ([`Self::from_model`]); set the
     /// mode on the model before sharing it.
     pub fn set_keep_mode(&mut self, mode: KeepMode) {

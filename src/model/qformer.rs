@@ -8,11 +8,10 @@
 //! - joint: queries + text × image, queries and text attending to each other (`joint`),
 //! - text-only with a prefix of slot/anchor embeddings and a mask (`text_with_prefix`).
 
-use crate::model::layers::Linear;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::layers::{dropout, softmax_last_dim, LayerNorm};
+use super::layers::{dropout, softmax_last_dim, LayerNorm, Linear};
 use crate::config::ModelConfig;
 
 /// BERT's absolute position table size.

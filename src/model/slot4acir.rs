@@ -4,13 +4,12 @@
 
 use std::path::Path;
 
-use crate::model::layers::Linear;
 use anyhow::Context;
 use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::backbone::{self, LightEncoder};
-use super::layers::{l2_normalize, LayerNorm};
+use super::layers::{l2_normalize, LayerNorm, Linear};
 use super::qformer::{token_at, QFormer};
 use super::slots::{KeepMode, SlotModule, SlotOutput};
 use super::vision::VisionEncoder;

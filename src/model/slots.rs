@@ -4,12 +4,11 @@
 
 use std::sync::Mutex;
 
-use crate::model::layers::Linear;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::layers::LayerNorm;
+use super::layers::{LayerNorm, Linear};
 
 /// Reference hyper-parameters of `MultiHeadSlotAttention` (not stored in checkpoints).
 pub const SLOT_HEADS: usize = 12;

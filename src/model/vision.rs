@@ -35,6 +35,24 @@ impl VisionEncoder {
         Ok(Self::Backbone(net))
     }
 
+    /// (T, W) of one image's tokens at `cfg.img_size`: from the configuration for the ViT, from
+    /// one probe image for a backbone (whose downsampling the configuration does not state).
+    pub fn token_shape(
+        &self,
+        cfg: &ModelConfig,
+        device: &candle_core::Device,
+    ) -> Result<(usize, usize)> {
+        match self {
+            Self::Eva(_) => Ok((cfg.vit_tokens(), cfg.vit_width)),
+            Self::Backbone(_) => {
+                let s = cfg.img_size;
+                let probe = Tensor::zeros((1, 3, s, s), candle_core::DType::F32, device)?;
+                let (_, t, w) = self.forward(&probe)?.dims3()?;
+                Ok((t, w))
+            }
+        }
+    }
+
     /// (B,3,S,S) → (B,T,W); frozen: BatchNorm always uses its running statistics.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         match self {

@@ -203,9 +203,9 @@ impl VitCache {
         dtype: CacheDType,
     ) -> Result<Self> {
         let fp = vision_fingerprint(model, store)?;
-        let side = model.cfg.img_size;
-        let probe = Tensor::zeros((1, 3, side, side), DType::F32, model.query_tokens.device())?;
-        let (_, t, w) = model.vit_features(&probe)?.dims3()?;
+        let (t, w) = model
+            .visual_encoder
+            .token_shape(&model.cfg, model.query_tokens.device())?;
         Self::open(root, &fp, dtype, t, w)
     }
 

@@ -50,3 +50,23 @@ pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap();
     (num / den.max(1e-300)).sqrt()
 }
+
+/// A state dict with its float32 tensors in float64 (integer buffers unchanged), for checks of
+/// how well a result is conditioned.
+#[allow(dead_code)]
+pub fn to_f64(
+    weights: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    use candle_core::DType;
+    weights
+        .iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::F32 {
+                v.to_dtype(DType::F64).unwrap()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
