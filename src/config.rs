@@ -138,10 +138,10 @@ impl ModelConfig {
 
     /// The demo's small configuration (`slot4acir demo`), every part from real pretrained
     /// weights available offline: EfficientNet-Lite2's feature map (1280 × 7 × 7) as the frozen
-    /// gallery encoder, a Q-Former of MiniLM-L6's width (384, 12 heads) and first 2 layers,
-    /// 16 query tokens, EfficientNet-Lite0 query encoder with one token per position
-    /// (channel-last), 8 slots, texts of at most 16 tokens. Two layers rather than four: the
-    /// same learning per step at 1.6× the steps per second on a CPU.
+    /// gallery encoder, a Q-Former of MiniLM-L6's width (384, 12 heads) and 2 layers (the demo
+    /// starts them from MiniLM's first and last layers), 16 query tokens, EfficientNet-Lite0
+    /// query encoder with one token per position (channel-last), 8 slots, texts of at most 16
+    /// tokens.
     pub fn demo() -> Self {
         Self {
             vit_width: 1280,

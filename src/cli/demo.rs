@@ -33,8 +33,10 @@ pub struct Args {
     pub val_images: usize,
     #[arg(long, default_value_t = 500)]
     pub val_queries: usize,
-    /// Edited variants per training scene (validation and test scenes have 20).
-    #[arg(long, default_value_t = 20)]
+    /// Edited variants per training scene (validation and test scenes have 20). Two gives
+    /// 750 training scenes for 3000 triplets; at 20 (75 scenes) the model fits the training
+    /// scenes and does not generalize (val R@10 5.9 against 7.6 after two epochs).
+    #[arg(long, default_value_t = 2)]
     pub train_variants: usize,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,

@@ -28,7 +28,9 @@ pub struct BenchmarkConfig {
     pub test_queries: usize,
     /// Edited variants per base scene (validation and test).
     pub variants: usize,
-    /// Edited variants per base scene of the training split: fewer variants, more scenes.
+    /// Edited variants per base scene of the training split: fewer variants, more scenes (the
+    /// query model generalizes to new scenes far better from 750 scenes of 3 images than from
+    /// 75 of 21).
     pub train_variants: usize,
     /// Rendered image side in pixels.
     pub image_size: u32,
@@ -44,7 +46,7 @@ impl Default for BenchmarkConfig {
             test_images: 210,
             test_queries: 100,
             variants: 20,
-            train_variants: 20,
+            train_variants: 2,
             image_size: 224,
             seed: 2025,
         }

@@ -102,9 +102,43 @@ fn bert_context(path: &Path) -> String {
     )
 }
 
+/// Number of encoder layers in a BERT state dict (`bert.` prefix optional).
+pub fn bert_layer_count(sd: &HashMap<String, Tensor>) -> usize {
+    sd.keys()
+        .filter_map(|k| {
+            let k = k.strip_prefix("bert.").unwrap_or(k);
+            k.strip_prefix("encoder.layer.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
 /// A BERT state dict (`bert.` prefix optional) as the Q-Former's initial weights.
 pub fn map_bert(sd: HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>> {
+    let first: Vec<usize> = (0..cfg.qformer_layers).collect();
+    map_bert_layers(sd, cfg, &first)
+}
+
+/// [`map_bert`] with Q-Former layer `i` initialized from the checkpoint's layer `layers[i]`
+/// (one entry per Q-Former layer), e.g. the first and the last layer of a deeper BERT.
+pub fn map_bert_layers(
+    sd: HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+    layers: &[usize],
+) -> Result<HashMap<String, Tensor>> {
+    if layers.len() != cfg.qformer_layers {
+        bail!(
+            "{} BERT layers chosen for a Q-Former of {} layers",
+            layers.len(),
+            cfg.qformer_layers
+        );
+    }
     let mut out = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for (key, t) in sd {
         let k = key.strip_prefix("bert.").unwrap_or(&key).to_string();
         if k.starts_with("pooler.")
@@ -117,26 +151,6 @@ pub fn map_bert(sd: HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<HashMa
             out.insert(format!("Qformer.bert.{k}"), grow_vocabulary(&t, cfg)?);
             continue;
         }
-        if let Some(rest) = k.strip_prefix("encoder.layer.") {
-            let (layer, part) = rest.split_once('.').context("malformed layer key")?;
-            let layer: usize = layer
-                .parse()
-                .with_context(|| format!("layer index in {key}"))?;
-            if layer >= cfg.qformer_layers {
-                continue;
-            }
-            for (plain, query) in [
-                ("intermediate.", "intermediate_query."),
-                ("output.", "output_query."),
-            ] {
-                if let Some(tail) = part.strip_prefix(plain) {
-                    out.insert(
-                        format!("Qformer.bert.encoder.layer.{layer}.{query}{tail}"),
-                        t.clone(),
-                    );
-                }
-            }
-        }
         if k.ends_with("LayerNorm.weight") || k == "embeddings.position_embeddings.weight" {
             let h = *t.dims().last().unwrap_or(&0);
             if h != cfg.qformer_hidden {
@@ -146,7 +160,36 @@ pub fn map_bert(sd: HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<HashMa
                 );
             }
         }
+        if let Some(rest) = k.strip_prefix("encoder.layer.") {
+            let (layer, part) = rest.split_once('.').context("malformed layer key")?;
+            let layer: usize = layer
+                .parse()
+                .with_context(|| format!("layer index in {key}"))?;
+            seen.insert(layer);
+            // A BERT layer may initialize several Q-Former layers, or none.
+            for (i, _) in layers.iter().enumerate().filter(|(_, &l)| l == layer) {
+                for (plain, query) in [
+                    ("intermediate.", "intermediate_query."),
+                    ("output.", "output_query."),
+                ] {
+                    if let Some(tail) = part.strip_prefix(plain) {
+                        out.insert(
+                            format!("Qformer.bert.encoder.layer.{i}.{query}{tail}"),
+                            t.clone(),
+                        );
+                    }
+                }
+                out.insert(format!("Qformer.bert.encoder.layer.{i}.{part}"), t.clone());
+            }
+            continue;
+        }
         out.insert(format!("Qformer.bert.{k}"), t);
+    }
+    if let Some(l) = layers.iter().find(|l| !seen.contains(l)) {
+        bail!(
+            "the BERT checkpoint has no layer {l} (it has {})",
+            seen.len()
+        );
     }
     Ok(out)
 }
@@ -240,5 +283,42 @@ mod tests {
         );
         let err = map_bert(sd, &cfg).unwrap_err().to_string();
         assert!(err.contains("384 wide") && err.contains("768"), "{err}");
+    }
+
+    #[test]
+    fn chosen_bert_layers_initialize_the_qformer_layers_in_order() {
+        let mut cfg = ModelConfig::paper();
+        cfg.qformer_hidden = 4;
+        cfg.qformer_layers = 2;
+        let layer = |l: usize| {
+            let v = Tensor::full(l as f32, (4, 4), &Device::Cpu).unwrap();
+            (format!("encoder.layer.{l}.output.dense.weight"), v)
+        };
+        let sd: HashMap<String, Tensor> = (0..6).map(layer).collect();
+        assert_eq!(bert_layer_count(&sd), 6);
+        let m = map_bert_layers(sd.clone(), &cfg, &[0, 5]).unwrap();
+        let value = |k: &str| -> f32 { m[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] };
+        assert_eq!(
+            value("Qformer.bert.encoder.layer.0.output.dense.weight"),
+            0.0
+        );
+        assert_eq!(
+            value("Qformer.bert.encoder.layer.1.output.dense.weight"),
+            5.0
+        );
+        assert_eq!(
+            value("Qformer.bert.encoder.layer.1.output_query.dense.weight"),
+            5.0
+        );
+        assert_eq!(m.len(), 4, "layers 1 to 4 are left out");
+        let err = map_bert_layers(sd.clone(), &cfg, &[0, 6])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no layer 6"), "{err}");
+        let err = map_bert_layers(sd, &cfg, &[0]).unwrap_err().to_string();
+        assert!(
+            err.contains("1 BERT layers chosen for a Q-Former of 2"),
+            "{err}"
+        );
     }
 }
