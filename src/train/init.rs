@@ -118,19 +118,22 @@ pub fn bert_layer_count(sd: &HashMap<String, Tensor>) -> usize {
 }
 
 /// A BERT state dict (`bert.` prefix optional) as the Q-Former's initial weights.
+/// Q-Former layer `i` starts from BERT layer `i`; Q-Former layers beyond the checkpoint's keep
+/// their random start.
 pub fn map_bert(sd: HashMap<String, Tensor>, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>> {
-    let first: Vec<usize> = (0..cfg.qformer_layers).collect();
+    let first: Vec<usize> = (0..cfg.qformer_layers.min(bert_layer_count(&sd))).collect();
     map_bert_layers(sd, cfg, &first)
 }
 
-/// [`map_bert`] with Q-Former layer `i` initialized from the checkpoint's layer `layers[i]`
-/// (one entry per Q-Former layer), e.g. the first and the last layer of a deeper BERT.
+/// [`map_bert`] with Q-Former layer `i` initialized from the checkpoint's layer `layers[i]`,
+/// e.g. the first and the last layer of a deeper BERT. Q-Former layers past `layers.len()`
+/// keep their random start; a chosen layer the checkpoint lacks is an error.
 pub fn map_bert_layers(
     sd: HashMap<String, Tensor>,
     cfg: &ModelConfig,
     layers: &[usize],
 ) -> Result<HashMap<String, Tensor>> {
-    if layers.len() != cfg.qformer_layers {
+    if layers.len() > cfg.qformer_layers {
         bail!(
             "{} BERT layers chosen for a Q-Former of {} layers",
             layers.len(),
@@ -315,10 +318,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no layer 6"), "{err}");
-        let err = map_bert_layers(sd, &cfg, &[0]).unwrap_err().to_string();
+        let err = map_bert_layers(sd.clone(), &cfg, &[0, 1, 2])
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("1 BERT layers chosen for a Q-Former of 2"),
+            err.contains("3 BERT layers chosen for a Q-Former of 2"),
             "{err}"
         );
+        // A BERT shallower than the Q-Former fills its first layers, as before.
+        cfg.qformer_layers = 8;
+        let m = map_bert(sd, &cfg).unwrap();
+        assert!(m.contains_key("Qformer.bert.encoder.layer.5.output.dense.weight"));
+        assert!(!m.keys().any(|k| k.contains("layer.6.")));
     }
 }
